@@ -1,0 +1,73 @@
+//! A padded batch of token rows as the model consumes it: plain vectors, no tensors.
+
+/// Label value that excludes a position from the loss (PyTorch's `ignore_index`).
+pub const IGNORE_INDEX: i64 = -100;
+
+/// `rows × seq_len` tokens, row-major, right-padded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Batch {
+    /// Number of rows.
+    pub rows: usize,
+    /// Tokens per row (padding included).
+    pub seq_len: usize,
+    /// Token ids.
+    pub input_ids: Vec<u32>,
+    /// 1 for real tokens, 0 for padding.
+    pub attention_mask: Vec<u8>,
+    /// Target ids, or [`IGNORE_INDEX`]. Position `t` is predicted from positions `..t`,
+    /// i.e. the model's output at `t - 1` (the Hugging Face causal-LM shift).
+    pub labels: Vec<i64>,
+    /// Global index of each row's example in the data set: the key of its dropout masks,
+    /// so that a row gets the same masks whichever rank or micro-batch it lands in.
+    pub example_ids: Vec<u64>,
+}
+
+impl Batch {
+    /// Pads `rows` of `(input_ids, labels)` on the right to a common length (rounded up to a
+    /// multiple of `multiple`), with `pad_id` and [`IGNORE_INDEX`].
+    pub fn from_rows(rows: &[(Vec<u32>, Vec<i64>)], example_ids: Vec<u64>, pad_id: u32, multiple: usize) -> Self {
+        let longest = rows.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
+        let m = multiple.max(1);
+        let seq_len = longest.div_ceil(m) * m;
+        let mut batch = Batch {
+            rows: rows.len(),
+            seq_len,
+            input_ids: Vec::with_capacity(rows.len() * seq_len),
+            attention_mask: Vec::with_capacity(rows.len() * seq_len),
+            labels: Vec::with_capacity(rows.len() * seq_len),
+            example_ids,
+        };
+        for (ids, labels) in rows {
+            let pad = seq_len - ids.len();
+            batch.input_ids.extend(ids.iter().copied().chain(std::iter::repeat_n(pad_id, pad)));
+            batch.attention_mask.extend(std::iter::repeat_n(1, ids.len()).chain(std::iter::repeat_n(0, pad)));
+            batch.labels.extend(labels.iter().copied().chain(std::iter::repeat_n(IGNORE_INDEX, pad)));
+        }
+        batch
+    }
+
+    /// Positions whose output is scored: `(row · seq_len + t, target)` for every `t` whose
+    /// next label is not ignored.
+    pub fn scored_positions(&self) -> (Vec<u32>, Vec<u32>) {
+        let mut positions = Vec::new();
+        let mut targets = Vec::new();
+        for r in 0..self.rows {
+            for t in 0..self.seq_len.saturating_sub(1) {
+                let label = self.labels[r * self.seq_len + t + 1];
+                if label != IGNORE_INDEX {
+                    positions.push((r * self.seq_len + t) as u32);
+                    targets.push(label as u32);
+                }
+            }
+        }
+        (positions, targets)
+    }
+
+    /// Number of scored target tokens (the loss's denominator for this batch).
+    pub fn target_tokens(&self) -> usize {
+        (0..self.rows)
+            .flat_map(|r| (1..self.seq_len).map(move |t| r * self.seq_len + t))
+            .filter(|&i| self.labels[i] != IGNORE_INDEX)
+            .count()
+    }
+}

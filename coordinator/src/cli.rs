@@ -1,0 +1,90 @@
+//! Command-line definitions.
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+/// Distributed LoRA instruction fine-tuning.
+#[derive(Parser, Debug)]
+#[command(name = "coordinator", version, about)]
+pub struct Cli {
+    /// More log output (repeat for more).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// What to do.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Generate text with a base model and optional LoRA adapters.
+    Generate(GenerateArgs),
+    /// Fold a LoRA adapter into its base model and write a complete model folder.
+    Merge(MergeArgs),
+}
+
+/// Where the model runs.
+#[derive(Args, Debug, Clone)]
+pub struct DeviceArgs {
+    /// `cpu`, or `cuda` / `cuda:N` in builds with the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+/// `coordinator generate`.
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// Hugging Face model folder (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    pub base: PathBuf,
+    /// PEFT adapter folder, optionally named: `NAME=DIR` (default name: the folder's name).
+    /// Repeat to load several; `--use` picks the active one.
+    #[arg(long = "adapter", value_name = "[NAME=]DIR")]
+    pub adapters: Vec<String>,
+    /// Name of the adapter to apply (default: the first one), or `base` for none.
+    #[arg(long = "use", value_name = "NAME")]
+    pub use_adapter: Option<String>,
+    /// Raw prompt text.
+    #[arg(long, conflicts_with_all = ["instruction", "input"], required_unless_present = "instruction")]
+    pub prompt: Option<String>,
+    /// An instruction, wrapped in the Alpaca template.
+    #[arg(long)]
+    pub instruction: Option<String>,
+    /// Optional input for `--instruction`.
+    #[arg(long, requires = "instruction")]
+    pub input: Option<String>,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy decoding.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Nucleus sampling mass.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// `coordinator merge`.
+#[derive(Args, Debug)]
+pub struct MergeArgs {
+    /// Base model folder.
+    #[arg(long)]
+    pub base: PathBuf,
+    /// PEFT adapter folder.
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// Output folder (must not exist or be empty).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Output dtype: f32, f16 or bf16 (default: the base model's).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Largest shard, e.g. `5GB`, `500MB`; larger models are split with an index file.
+    #[arg(long, default_value = "5GB")]
+    pub max_shard_size: String,
+}

@@ -1,0 +1,34 @@
+//! `coordinator`: the lorafleet command line (train, eval, generate, merge).
+
+mod cli;
+mod generate_cmd;
+mod merge_cmd;
+mod runtime;
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = cli::Cli::parse();
+    runtime::init_logging(cli.verbose);
+    // candle's autograd walks the graph recursively: give it a deep stack.
+    let worker = std::thread::Builder::new()
+        .name("lorafleet-main".into())
+        .stack_size(256 << 20)
+        .spawn(move || run(cli))
+        .expect("spawning the main thread");
+    match worker.join() {
+        Ok(Ok(())) => std::process::ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+        Err(_) => std::process::ExitCode::FAILURE,
+    }
+}
+
+fn run(cli: cli::Cli) -> anyhow::Result<()> {
+    match cli.command {
+        cli::Command::Generate(args) => generate_cmd::run(args),
+        cli::Command::Merge(args) => merge_cmd::run(args),
+    }
+}

@@ -1,0 +1,132 @@
+//! `y = x·Wᵀ (+ b)` with a frozen `W`: the backward produces dx only.
+
+use crate::fallback::{via_tensor_ops, DeviceStorage};
+use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use std::sync::Arc;
+
+/// A frozen linear layer. The weight lives inside the op, so autograd never sees it:
+/// no weight gradient is computed and the graph holds no extra reference to it.
+#[derive(Clone)]
+pub struct FrozenLinear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    matmul: Arc<Box<dyn CustomOp1 + Send + Sync>>,
+    add_bias: Option<Arc<Box<dyn CustomOp1 + Send + Sync>>>,
+}
+
+impl FrozenLinear {
+    /// `weight` is `[out, in]` as stored by transformers; `bias` is `[out]`.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let (out, _) = weight.dims2()?;
+        let weight = crate::dense(&weight.detach())?;
+        let bias = match bias {
+            Some(b) => {
+                if b.dims1()? != out {
+                    bail!("bias of {} values for a linear layer with {out} outputs", b.dims1()?);
+                }
+                Some(crate::dense(&b.detach())?)
+            }
+            None => None,
+        };
+        let matmul: Arc<Box<dyn CustomOp1 + Send + Sync>> = Arc::new(Box::new(MatmulWt { weight: weight.clone() }));
+        let add_bias =
+            bias.clone().map(|b| Arc::new(Box::new(AddFrozen { bias: b }) as Box<dyn CustomOp1 + Send + Sync>));
+        Ok(Self { weight, bias, matmul, add_bias })
+    }
+
+    /// The frozen weight `[out, in]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The frozen bias `[out]`, if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// Applies the layer to `x` of shape `[..., in]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = crate::dense(x)?.apply_op1_arc(self.matmul.clone())?;
+        match &self.add_bias {
+            Some(op) => y.apply_op1_arc(op.clone()),
+            None => Ok(y),
+        }
+    }
+}
+
+/// `x·Wᵀ` through the backend's own matmul, with W read through a transposed layout.
+struct MatmulWt {
+    weight: Tensor,
+}
+
+impl MatmulWt {
+    fn run<S: DeviceStorage>(&self, x: &S, l: &Layout) -> Result<(S, Shape)> {
+        let (n, k) = self.weight.dims2()?;
+        let dims = l.dims();
+        let Some((&k_in, lead)) = dims.split_last() else { bail!("frozen linear: scalar input") };
+        if k_in != k {
+            bail!("frozen linear: input has {k_in} features, weight expects {k}");
+        }
+        if !(l.is_contiguous()) {
+            bail!("frozen linear: input must be contiguous");
+        }
+        let m: usize = lead.iter().product();
+        let lhs_l = Layout::contiguous_with_offset((1, m, k), l.start_offset());
+        let (w_guard, w_l) = self.weight.storage_and_layout();
+        let Some(w) = S::unwrap(&w_guard) else { bail!("frozen linear: weight and input are on different devices") };
+        let rhs_l = Layout::new(Shape::from((1, k, n)), vec![n * k, 1, k], w_l.start_offset());
+        let out = x.matmul(w, (1, m, n, k), &lhs_l, &rhs_l)?;
+        let mut out_dims = lead.to_vec();
+        out_dims.push(n);
+        Ok((out, Shape::from(out_dims)))
+    }
+}
+
+impl CustomOp1 for MatmulWt {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.run(s, l)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.run(s, l)
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        // dx = dy·W, as one 2-D matmul over all leading dimensions.
+        let (n, k) = self.weight.dims2()?;
+        let mut dims = grad.dims().to_vec();
+        let rows = grad.elem_count() / n;
+        let dx = grad.reshape((rows, n))?.matmul(&self.weight)?;
+        *dims.last_mut().expect("grad has the output's rank") = k;
+        Ok(Some(dx.reshape(dims)?))
+    }
+}
+
+/// `y = x + b` with a frozen `b` broadcast over the last dimension.
+struct AddFrozen {
+    bias: Tensor,
+}
+
+impl CustomOp1 for AddFrozen {
+    fn name(&self) -> &'static str {
+        "add-frozen-bias"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        via_tensor_ops(s, l, |x| x.broadcast_add(&self.bias))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        via_tensor_ops(s, l, |x| x.broadcast_add(&self.bias))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.clone()))
+    }
+}

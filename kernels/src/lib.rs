@@ -1,0 +1,33 @@
+//! candle custom ops whose backward passes are exact and never touch frozen weights.
+//!
+//! candle's built-in autograd computes a gradient for *both* operands of every matmul and
+//! binary op, so a frozen weight used directly in the graph costs a weight-sized gradient
+//! per step, and several of its fused ops (rms_norm, rope, softmax_last_dim) silently drop
+//! the gradient. Each op here keeps its frozen operands (weights, tables, masks) *inside*
+//! the op, so the graph only ever sees the activation, and implements `bwd` analytically.
+//!
+//! Every op has a CPU body; on CUDA the body runs the same maths through candle's own GPU
+//! kernels ([`fallback`]) until a fused kernel replaces it.
+#![deny(missing_docs)]
+
+mod cross_entropy;
+mod fallback;
+mod frozen_linear;
+mod masked_softmax;
+mod rms_norm;
+mod rope;
+
+pub use cross_entropy::cross_entropy_rows;
+pub use frozen_linear::FrozenLinear;
+pub use masked_softmax::masked_softmax;
+pub use rms_norm::RmsNorm;
+pub use rope::Rope;
+
+/// A tensor that an op may hand to a low-level body: contiguous and starting at offset 0.
+pub(crate) fn dense(x: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+    if x.is_contiguous() && x.layout().start_offset() == 0 {
+        Ok(x.clone())
+    } else {
+        x.force_contiguous()
+    }
+}

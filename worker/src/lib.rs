@@ -1,0 +1,24 @@
+//! The trainable side of lorafleet: a Llama-family model with LoRA in candle, the optimizer
+//! and the rank-aware training step, plus generation and merging on top of the same model.
+//!
+//! The base model is frozen data: its linear layers, norms and tables live inside custom
+//! ops (`lorafleet-kernels`), so autograd only ever tracks LoRA parameters and activations.
+#![deny(missing_docs)]
+
+pub mod adamw;
+pub mod adapter_io;
+pub mod collective;
+pub mod dropout;
+pub mod error;
+pub mod generate;
+pub mod lora;
+pub mod merge;
+pub mod model;
+pub mod tokenizer;
+pub mod train;
+pub mod weights;
+
+pub use error::{Error, Result};
+pub use lora::LoraAdapter;
+pub use model::Llama;
+pub use tokenizer::Tokenizer;

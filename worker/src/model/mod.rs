@@ -1,0 +1,213 @@
+//! The Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2) as frozen weights.
+//!
+//! Adapters are not part of the model: every forward takes the adapter to apply (or none),
+//! so one loaded base serves several adapters (PEFT's `set_adapter`) and training and
+//! evaluation share one code path.
+
+mod block;
+pub mod mask;
+pub mod rope_tables;
+
+pub use block::{Block, LayerCache};
+
+use crate::dropout::Dropout;
+use crate::error::{Error, Result};
+use crate::lora::LoraAdapter;
+use crate::weights::WeightFiles;
+use candle_core::{DType, Device, Tensor};
+use lorafleet_common::peft::LINEAR_MODULES;
+use lorafleet_common::{checkpoint, ModelConfig};
+use lorafleet_kernels::{FrozenLinear, RmsNorm, Rope};
+use std::path::Path;
+
+/// What a forward pass applies besides the frozen weights.
+pub struct ForwardCtx<'a> {
+    /// The LoRA adapter, if any.
+    pub adapter: Option<&'a LoraAdapter>,
+    /// LoRA dropout (training) or none (evaluation).
+    pub dropout: &'a Dropout,
+    /// Additive attention mask `[rows, 1, q, kv]`, if anything is masked.
+    pub mask: Option<Tensor>,
+}
+
+/// A loaded base model.
+pub struct Llama {
+    config: ModelConfig,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: FrozenLinear,
+    rope: Rope,
+    dtype: DType,
+    device: Device,
+}
+
+impl Llama {
+    /// Loads the model in `dir` (config.json + safetensors) as `dtype` on `device`.
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let config = ModelConfig::from_dir(dir)?;
+        let files = WeightFiles::open(&checkpoint::weight_files(dir)?)?;
+        Self::from_weights(config, &files, dtype, device)
+    }
+
+    /// Builds the model from already opened weight files.
+    pub fn from_weights(config: ModelConfig, files: &WeightFiles, dtype: DType, device: &Device) -> Result<Self> {
+        let c = &config;
+        let (h, v) = (c.hidden_size, c.vocab_size);
+        let load = |name: &str, shape: &[usize]| files.load(name, Some(shape), dtype, device);
+        let embed = load("model.embed_tokens.weight", &[v, h])?;
+        let mut blocks = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let mut linears = Vec::with_capacity(LINEAR_MODULES.len());
+            for (m, name) in LINEAR_MODULES.iter().enumerate() {
+                let group = if m >= block::GATE { "mlp" } else { "self_attn" };
+                let (fan_in, fan_out) = crate::lora::module_shape(c, m);
+                let w = load(&format!("{p}.{group}.{name}.weight"), &[fan_out, fan_in])?;
+                let has_bias = match m {
+                    block::Q | block::K | block::V => c.qkv_bias,
+                    block::O => c.o_bias,
+                    _ => c.mlp_bias,
+                };
+                let b = if has_bias { Some(load(&format!("{p}.{group}.{name}.bias"), &[fan_out])?) } else { None };
+                linears.push(FrozenLinear::new(w, b)?);
+            }
+            blocks.push(Block {
+                index: i,
+                input_norm: RmsNorm::new(load(&format!("{p}.input_layernorm.weight"), &[h])?, c.rms_norm_eps)?,
+                post_norm: RmsNorm::new(load(&format!("{p}.post_attention_layernorm.weight"), &[h])?, c.rms_norm_eps)?,
+                linears,
+                heads: c.num_attention_heads,
+                kv_heads: c.num_key_value_heads,
+                head_dim: c.head_dim,
+            });
+        }
+        let norm = RmsNorm::new(load("model.norm.weight", &[h])?, c.rms_norm_eps)?;
+        let head_weight = if c.tie_word_embeddings { embed.clone() } else { load("lm_head.weight", &[v, h])? };
+        let lm_head = FrozenLinear::new(head_weight, None)?;
+        let rope = rope_tables::tables(c, c.max_position_embeddings.max(1), device)?;
+        Ok(Self { config, embed, blocks, norm, lm_head, rope, dtype, device: device.clone() })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The compute dtype of the frozen weights.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device holding the weights.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Number of decoder blocks.
+    pub fn num_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Every frozen tensor of the model (for tests that prove none of them gets a gradient).
+    pub fn frozen_tensors(&self) -> Vec<&Tensor> {
+        let mut out = vec![&self.embed, self.norm.weight(), self.lm_head.weight()];
+        for b in &self.blocks {
+            out.extend([b.input_norm.weight(), b.post_norm.weight()]);
+            for l in &b.linears {
+                out.push(l.weight());
+                out.extend(l.bias());
+            }
+        }
+        out
+    }
+
+    /// Token embeddings of `ids` `[rows, seq]`.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (rows, seq) = ids.dims2()?;
+        if let Some(bad) =
+            ids.flatten_all()?.to_vec1::<u32>()?.into_iter().find(|&i| i as usize >= self.config.vocab_size)
+        {
+            return Err(Error::Invalid(format!(
+                "token id {bad} outside the model's vocabulary of {}",
+                self.config.vocab_size
+            )));
+        }
+        Ok(self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((rows, seq, self.config.hidden_size))?)
+    }
+
+    /// Runs block `i`.
+    pub fn block(&self, i: usize, x: &Tensor, ctx: &ForwardCtx<'_>, cache: Option<&mut LayerCache>) -> Result<Tensor> {
+        let needed = cache.as_ref().map_or(0, |c| c.len()) + x.dims()[1];
+        if needed > self.rope.len() {
+            return Err(Error::Invalid(format!(
+                "sequence of {needed} tokens is longer than the model's {} positions",
+                self.rope.len()
+            )));
+        }
+        self.blocks[i].forward(x, &self.rope, ctx, cache)
+    }
+
+    /// The final norm.
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.norm.forward(x)?)
+    }
+
+    /// Output-head logits in f32 for hidden states `[..., hidden]`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(self.lm_head.forward(hidden)?.to_dtype(DType::F32)?)
+    }
+
+    /// Final hidden states (after the last norm) for a full, uncached forward pass.
+    pub fn hidden_states(
+        &self,
+        ids: &Tensor,
+        attention_mask: Option<&[u8]>,
+        adapter: Option<&LoraAdapter>,
+        dropout: &Dropout,
+    ) -> Result<Tensor> {
+        let (rows, seq) = ids.dims2()?;
+        let mask = mask::attention_mask(rows, seq, seq, attention_mask, self.config.sliding_window, &self.device)?;
+        let ctx = ForwardCtx { adapter, dropout, mask };
+        let mut x = self.embed(ids)?;
+        for i in 0..self.blocks.len() {
+            x = self.block(i, &x, &ctx, None)?;
+        }
+        self.final_norm(&x)
+    }
+
+    /// Logits `[rows, seq, vocab]` of every position (evaluation mode, no dropout).
+    pub fn forward_logits(
+        &self,
+        ids: &Tensor,
+        attention_mask: Option<&[u8]>,
+        adapter: Option<&LoraAdapter>,
+    ) -> Result<Tensor> {
+        let hidden = self.hidden_states(ids, attention_mask, adapter, &Dropout::Off)?;
+        self.logits(&hidden)
+    }
+
+    /// Logits of the last position after feeding `ids` `[1, n]` through the KV cache.
+    pub fn forward_cached(
+        &self,
+        ids: &Tensor,
+        cache: &mut [LayerCache],
+        adapter: Option<&LoraAdapter>,
+    ) -> Result<Tensor> {
+        let (rows, seq) = ids.dims2()?;
+        let past = cache.first().map_or(0, LayerCache::len);
+        let mask = mask::attention_mask(rows, seq, past + seq, None, self.config.sliding_window, &self.device)?;
+        let ctx = ForwardCtx { adapter, dropout: &Dropout::Off, mask };
+        let mut x = self.embed(ids)?;
+        for (i, c) in cache.iter_mut().enumerate() {
+            x = self.block(i, &x, &ctx, Some(c))?;
+        }
+        let last = self.final_norm(&x.narrow(1, seq - 1, 1)?)?;
+        Ok(self.logits(&last)?.flatten_all()?)
+    }
+
+    /// An empty KV cache, one entry per block.
+    pub fn new_cache(&self) -> Vec<LayerCache> {
+        self.blocks.iter().map(|_| LayerCache::default()).collect()
+    }
+}

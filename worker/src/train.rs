@@ -1,0 +1,163 @@
+//! One rank's share of an optimizer step: micro-batches in, reduced and applied LoRA
+//! gradients out.
+//!
+//! Gradients are accumulated as sums of token losses and divided by the *global* number of
+//! target tokens only after the all-reduce, so N ranks with micro-batch m equal one rank
+//! with N·m, whatever the padding or the split of tokens across ranks.
+
+use crate::adamw::AdamW;
+use crate::collective::Collective;
+use crate::dropout::Dropout;
+use crate::error::{Error, Result};
+use crate::lora::LoraAdapter;
+use crate::model::Llama;
+use candle_core::{DType, Tensor};
+use lorafleet_common::Batch;
+
+/// The summed token loss of `batch` as a scalar f32 tensor attached to the LoRA graph,
+/// and the number of target tokens. The lm_head runs on scored positions only.
+pub fn loss_sum(
+    model: &Llama,
+    adapter: Option<&LoraAdapter>,
+    batch: &Batch,
+    dropout: &Dropout,
+) -> Result<(Tensor, usize)> {
+    let device = model.device();
+    let ids = Tensor::from_slice(&batch.input_ids, (batch.rows, batch.seq_len), device)?;
+    let hidden = model.hidden_states(&ids, Some(&batch.attention_mask), adapter, dropout)?;
+    let (positions, targets) = batch.scored_positions();
+    if positions.is_empty() {
+        return Ok((Tensor::zeros((), DType::F32, device)?, 0));
+    }
+    let flat = hidden.reshape((batch.rows * batch.seq_len, model.config().hidden_size))?;
+    let picked = flat.index_select(&Tensor::from_slice(&positions, positions.len(), device)?, 0)?;
+    let logits = model.logits(&picked)?;
+    let losses = lorafleet_kernels::cross_entropy_rows(&logits, &targets)?;
+    Ok((losses.sum_all()?, positions.len()))
+}
+
+/// Gradient sums of one rank for one optimizer step.
+pub struct StepAccumulator {
+    grads: Vec<Option<Tensor>>,
+    loss_sum: f64,
+    tokens: f64,
+}
+
+/// What a finished step reports.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepStats {
+    /// Global mean token loss of the step (before the update).
+    pub loss: f64,
+    /// Global target tokens.
+    pub tokens: u64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+}
+
+impl StepAccumulator {
+    /// An empty accumulator for `adapter`'s parameters.
+    pub fn new(adapter: &LoraAdapter) -> Self {
+        Self { grads: adapter.named_vars().iter().map(|_| None).collect(), loss_sum: 0.0, tokens: 0.0 }
+    }
+
+    /// Runs forward and backward on one micro-batch and adds its gradient sums.
+    /// Returns the micro-batch's loss sum and token count.
+    pub fn micro_batch(
+        &mut self,
+        model: &Llama,
+        adapter: &LoraAdapter,
+        batch: &Batch,
+        dropout: &Dropout,
+    ) -> Result<(f64, usize)> {
+        let (loss, tokens) = loss_sum(model, Some(adapter), batch, dropout)?;
+        let value = f64::from(loss.to_scalar::<f32>()?);
+        if tokens > 0 {
+            let grads = loss.backward()?;
+            for (slot, (_, var)) in self.grads.iter_mut().zip(adapter.named_vars()) {
+                if let Some(g) = grads.get(var.as_tensor()) {
+                    *slot = Some(match slot.take() {
+                        Some(acc) => (acc + g)?,
+                        None => g.clone(),
+                    });
+                }
+            }
+        }
+        self.loss_sum += value;
+        self.tokens += tokens as f64;
+        Ok((value, tokens))
+    }
+
+    /// All-reduces the sums, divides by the global token count and returns the mean
+    /// gradients (in `named_vars` order) with the step's statistics; `step` is only used to
+    /// name a non-finite value.
+    pub fn reduce(
+        self,
+        adapter: &LoraAdapter,
+        collective: &mut dyn Collective,
+        step: u64,
+    ) -> Result<(Vec<Tensor>, StepStats)> {
+        let vars = adapter.named_vars();
+        let device = vars
+            .first()
+            .map(|(_, v)| v.device().clone())
+            .ok_or_else(|| Error::Invalid("adapter has no parameters".into()))?;
+        let flat: Vec<Tensor> = self
+            .grads
+            .into_iter()
+            .zip(&vars)
+            .map(|(g, (_, v))| match g {
+                Some(g) => g.flatten_all(),
+                None => Tensor::zeros(v.elem_count(), DType::F32, &device),
+            })
+            .collect::<candle_core::Result<_>>()?;
+        let bucket = collective.all_reduce_grads(Tensor::cat(&flat, 0)?)?;
+        let mut stats = [self.loss_sum, self.tokens];
+        collective.all_reduce_stats(&mut stats)?;
+        let [loss_sum, tokens] = stats;
+        if !loss_sum.is_finite() {
+            return Err(Error::NonFinite { what: "loss", step });
+        }
+        let scale = if tokens > 0.0 { 1.0 / tokens } else { 0.0 };
+        let bucket = (bucket * scale)?;
+        let sq = bucket.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if !sq.is_finite() {
+            return Err(Error::NonFinite { what: "gradient", step });
+        }
+        let mut grads = Vec::with_capacity(vars.len());
+        let mut at = 0;
+        for (_, v) in &vars {
+            let n = v.elem_count();
+            grads.push(bucket.narrow(0, at, n)?.reshape(v.shape())?);
+            at += n;
+        }
+        let loss = if tokens > 0.0 { loss_sum / tokens } else { 0.0 };
+        Ok((grads, StepStats { loss, tokens: tokens as u64, grad_norm: sq.sqrt() }))
+    }
+}
+
+/// Scales `grads` so their global norm is at most `max_norm`, as
+/// `torch.nn.utils.clip_grad_norm_` does (`max_norm <= 0` disables clipping).
+pub fn clip_grad_norm(grads: Vec<Tensor>, norm: f64, max_norm: f64) -> Result<Vec<Tensor>> {
+    if max_norm <= 0.0 {
+        return Ok(grads);
+    }
+    let coef = (max_norm / (norm + 1e-6)).min(1.0);
+    if coef >= 1.0 {
+        return Ok(grads);
+    }
+    Ok(grads.into_iter().map(|g| g * coef).collect::<candle_core::Result<_>>()?)
+}
+
+/// Clips and applies mean gradients to the adapter.
+pub fn apply(
+    adapter: &LoraAdapter,
+    opt: &mut AdamW,
+    grads: Vec<Tensor>,
+    stats: &StepStats,
+    lr: f64,
+    max_grad_norm: f64,
+) -> Result<()> {
+    let grads = clip_grad_norm(grads, stats.grad_norm, max_grad_norm)?;
+    let vars: Vec<_> = adapter.named_vars().into_iter().map(|(_, v)| v).collect();
+    opt.step(&vars, &grads, lr)
+}
