@@ -71,3 +71,22 @@ impl Batch {
             .count()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn right_padding_to_a_multiple_and_scored_positions() {
+        let rows = vec![(vec![1, 5, 6, 7], vec![-100, -100, 6, 7]), (vec![1, 9], vec![-100, 9])];
+        let b = Batch::from_rows(&rows, vec![10, 11], 3, 8);
+        assert_eq!((b.rows, b.seq_len), (2, 8));
+        assert_eq!(&b.input_ids[8..], &[1, 9, 3, 3, 3, 3, 3, 3]);
+        assert_eq!(&b.attention_mask[..8], &[1, 1, 1, 1, 0, 0, 0, 0]);
+        assert_eq!(b.labels[12], IGNORE_INDEX);
+        let (positions, targets) = b.scored_positions();
+        assert_eq!(positions, vec![1, 2, 8]);
+        assert_eq!(targets, vec![6, 7, 9]);
+        assert_eq!(b.target_tokens(), 3);
+    }
+}

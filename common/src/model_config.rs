@@ -249,3 +249,98 @@ fn rope(obj: &JsonObject<'_>) -> Result<(f64, RopeScaling)> {
     };
     Ok((theta, scaling))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(v: Value) -> Result<ModelConfig> {
+        ModelConfig::from_value(Path::new("config.json"), v)
+    }
+
+    fn llama() -> Value {
+        json!({"model_type": "llama", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,
+               "num_hidden_layers": 2, "num_attention_heads": 4})
+    }
+
+    #[test]
+    fn transformers4_and_5_spellings_agree() {
+        let mut v4 = llama();
+        v4["rope_theta"] = json!(500000.0);
+        v4["torch_dtype"] = json!("bfloat16");
+        v4["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+        let mut v5 = llama();
+        v5["dtype"] = json!("bfloat16");
+        v5["rope_parameters"] = json!({"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+        let (a, b) = (parse(v4).unwrap(), parse(v5).unwrap());
+        assert_eq!(a.rope_theta, 500000.0);
+        assert_eq!(a.rope_theta, b.rope_theta);
+        assert_eq!(a.rope_scaling, b.rope_scaling);
+        assert!(matches!(a.rope_scaling, RopeScaling::Llama3 { factor, .. } if factor == 8.0));
+        assert_eq!(a.dtype.as_deref(), Some("bfloat16"));
+        assert_eq!(b.dtype.as_deref(), Some("bfloat16"));
+        assert_eq!(a.with_dtype("float16")["torch_dtype"], "float16");
+        assert_eq!(b.with_dtype("float16")["dtype"], "float16");
+    }
+
+    #[test]
+    fn legacy_type_key_and_defaults() {
+        let mut v = llama();
+        v["rope_scaling"] = json!({"type": "linear", "factor": 2.0});
+        let c = parse(v).unwrap();
+        assert_eq!(c.rope_scaling, RopeScaling::Linear { factor: 2.0 });
+        assert_eq!(c.num_key_value_heads, 4);
+        assert_eq!(c.head_dim, 4);
+        assert_eq!(c.rope_theta, 10000.0);
+        assert!(!c.tie_word_embeddings);
+    }
+
+    #[test]
+    fn architectures_differ_in_biases_and_window() {
+        let mut q = llama();
+        q["model_type"] = json!("qwen2");
+        q["num_key_value_heads"] = json!(2);
+        q["tie_word_embeddings"] = json!(true);
+        let q = parse(q).unwrap();
+        assert_eq!(
+            (q.architecture, q.qkv_bias, q.o_bias, q.tie_word_embeddings),
+            (Architecture::Qwen2, true, false, true)
+        );
+        let mut m = llama();
+        m["model_type"] = json!("mistral");
+        m["sliding_window"] = json!(4096);
+        let m = parse(m).unwrap();
+        assert_eq!((m.architecture, m.sliding_window, m.qkv_bias), (Architecture::Mistral, Some(4096), false));
+        let mut l = llama();
+        l["attention_bias"] = json!(true);
+        l["head_dim"] = json!(8);
+        l["eos_token_id"] = json!([128001, 128008, 128009]);
+        let l = parse(l).unwrap();
+        assert_eq!((l.qkv_bias, l.o_bias, l.head_dim), (true, true, 8));
+        assert_eq!(l.eos_token_ids, vec![128001, 128008, 128009]);
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        let cases = [
+            ("model_type", json!("gpt2"), "model_type"),
+            ("hidden_size", json!("big"), "hidden_size"),
+            ("num_key_value_heads", json!(3), "num_key_value_heads"),
+            ("hidden_act", json!("gelu"), "hidden_act"),
+            ("rope_scaling", json!({"rope_type": "yarn", "factor": 4.0}), "rope_scaling.rope_type"),
+            ("rope_parameters", json!({"rope_type": "linear"}), "rope_parameters.factor"),
+        ];
+        for (key, value, field) in cases {
+            let mut v = llama();
+            v[key] = value;
+            let msg = parse(v).unwrap_err().to_string();
+            assert!(msg.starts_with("config.json: field `") && msg.contains(&format!("`{field}`")), "{key}: {msg}");
+        }
+        let mut v = llama();
+        v.as_object_mut().unwrap().remove("vocab_size");
+        assert!(parse(v).unwrap_err().to_string().contains("`vocab_size`: missing"));
+    }
+}

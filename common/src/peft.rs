@@ -309,3 +309,89 @@ fn pattern_value<'m, V>(patterns: &'m BTreeMap<String, V>, name: &str) -> Option
         .iter()
         .find_map(|(k, v)| Regex::new(&format!(r"^(?:.*\.)?(?:{k})$")).ok().filter(|re| re.is_match(name)).map(|_| v))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(v: Value) -> Result<LoraConfig> {
+        LoraConfig::from_value(Path::new("adapter_config.json"), &v)
+    }
+
+    #[test]
+    fn target_matching_follows_peft() {
+        let c = LoraConfig::default();
+        assert!(c.targets(0, "q_proj") && c.targets(3, "v_proj") && !c.targets(0, "k_proj"));
+        let c = LoraConfig { target_modules: TargetModules::Suffixes(vec!["self_attn.o_proj".into()]), ..c };
+        assert!(c.targets(1, "o_proj") && !c.targets(1, "q_proj"));
+        let c = LoraConfig { target_modules: TargetModules::Regex(r".*\.1\..*proj".into()), ..c };
+        assert!(c.targets(1, "down_proj") && !c.targets(0, "down_proj"));
+        let c = LoraConfig { target_modules: TargetModules::AllLinear, layers_to_transform: Some(vec![2]), ..c };
+        assert!(c.targets(2, "gate_proj") && !c.targets(1, "gate_proj"));
+    }
+
+    #[test]
+    fn scaling_with_rslora_and_patterns() {
+        let mut c = LoraConfig { r: 16, lora_alpha: 32.0, ..LoraConfig::default() };
+        assert_eq!(c.scaling_for(0, "q_proj"), 2.0);
+        c.use_rslora = true;
+        assert_eq!(c.scaling_for(0, "q_proj"), 8.0);
+        c.use_rslora = false;
+        c.rank_pattern.insert("v_proj".into(), 4);
+        c.alpha_pattern.insert(r"layers\.1\.self_attn\.q_proj".into(), 8.0);
+        assert_eq!((c.rank_for(0, "v_proj"), c.scaling_for(0, "v_proj")), (4, 8.0));
+        assert_eq!((c.rank_for(1, "q_proj"), c.scaling_for(1, "q_proj")), (16, 0.5));
+        assert_eq!(c.scaling_for(0, "q_proj"), 2.0);
+    }
+
+    #[test]
+    fn written_config_reads_back_and_keeps_only_classic_keys() {
+        let c = LoraConfig {
+            r: 4,
+            lora_alpha: 8.0,
+            lora_dropout: 0.1,
+            target_modules: TargetModules::AllLinear,
+            init: LoraInit::Gaussian,
+            ..Default::default()
+        };
+        let text = c.to_json();
+        let v: Value = serde_json::from_str(&text).unwrap();
+        let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(keys, sorted, "keys are sorted as PEFT writes them");
+        assert!(keys.iter().all(|k| !["peft_version", "lora_bias", "target_parameters"].contains(&k.as_str())));
+        assert_eq!(parse(v).unwrap(), c);
+        assert!(text.starts_with("{\n  \"alpha_pattern\""));
+    }
+
+    #[test]
+    fn a_current_peft_config_parses() {
+        let v: Value = serde_json::from_str(
+            r#"{"alora_invocation_tokens": null, "alpha_pattern": {}, "bias": "none", "fan_in_fan_out": false,
+                "init_lora_weights": true, "lora_alpha": 16, "lora_dropout": 0.0, "modules_to_save": null,
+                "peft_type": "LORA", "peft_version": "0.21.2", "r": 8, "rank_pattern": {},
+                "target_modules": ["q_proj", "v_proj"], "task_type": "CAUSAL_LM", "use_dora": false, "use_rslora": false}"#,
+        )
+        .unwrap();
+        let c = parse(v).unwrap();
+        assert_eq!((c.r, c.lora_alpha, c.lora_dropout), (8, 16.0, 0.0));
+    }
+
+    #[test]
+    fn unsupported_settings_are_refused_by_field() {
+        for (field, value) in [
+            ("peft_type", serde_json::json!("IA3")),
+            ("use_dora", serde_json::json!(true)),
+            ("modules_to_save", serde_json::json!(["lm_head"])),
+            ("target_modules", serde_json::json!(7)),
+            ("init_lora_weights", serde_json::json!("pissa")),
+            ("lora_dropout", serde_json::json!(1.5)),
+        ] {
+            let mut v = serde_json::json!({"r": 8, "target_modules": ["q_proj"]});
+            v[field] = value;
+            let msg = parse(v).unwrap_err().to_string();
+            assert!(msg.contains(&format!("`{field}`")), "{field}: {msg}");
+        }
+    }
+}

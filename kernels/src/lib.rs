@@ -23,6 +23,15 @@ pub use masked_softmax::masked_softmax;
 pub use rms_norm::RmsNorm;
 pub use rope::Rope;
 
+/// The precision reductions run in: f32 for f32 and narrower inputs (as transformers does),
+/// f64 for f64 inputs (so that finite-difference tests see the op's own maths).
+pub(crate) fn accum_dtype(dtype: candle_core::DType) -> candle_core::DType {
+    match dtype {
+        candle_core::DType::F64 => candle_core::DType::F64,
+        _ => candle_core::DType::F32,
+    }
+}
+
 /// A tensor that an op may hand to a low-level body: contiguous and starting at offset 0.
 pub(crate) fn dense(x: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
     if x.is_contiguous() && x.layout().start_offset() == 0 {

@@ -31,9 +31,9 @@ struct MaskedSoftmaxOp {
 
 impl MaskedSoftmaxOp {
     fn reference(&self, x: &Tensor) -> Result<Tensor> {
-        let mut z = (x.to_dtype(DType::F32)? * self.scale)?;
+        let mut z = (x.to_dtype(crate::accum_dtype(x.dtype()))? * self.scale)?;
         if let Some(m) = &self.mask {
-            z = z.broadcast_add(m)?;
+            z = z.broadcast_add(&m.to_dtype(z.dtype())?)?;
         }
         let max = z.max_keepdim(D::Minus1)?;
         let e = z.broadcast_sub(&max)?.exp()?;
@@ -83,8 +83,8 @@ impl CustomOp1 for MaskedSoftmaxOp {
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let y32 = y.to_dtype(DType::F32)?;
-        let g32 = grad.to_dtype(DType::F32)?;
+        let y32 = y.to_dtype(crate::accum_dtype(y.dtype()))?;
+        let g32 = grad.to_dtype(crate::accum_dtype(grad.dtype()))?;
         let dot = (&g32 * &y32)?.sum_keepdim(D::Minus1)?;
         let dx = ((y32 * g32.broadcast_sub(&dot)?)? * self.scale)?;
         Ok(Some(dx.to_dtype(grad.dtype())?))

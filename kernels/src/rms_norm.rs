@@ -48,7 +48,7 @@ impl RmsNormOp {
     /// The same maths as transformers' `LlamaRMSNorm`: statistics in f32, weight applied
     /// after casting back to the input dtype.
     fn reference(&self, x: &Tensor) -> Result<Tensor> {
-        let x32 = x.to_dtype(DType::F32)?;
+        let x32 = x.to_dtype(crate::accum_dtype(x.dtype()))?;
         let ms = x32.sqr()?.mean_keepdim(D::Minus1)?;
         let y = x32.broadcast_div(&(ms + self.eps)?.sqrt()?)?.to_dtype(x.dtype())?;
         y.broadcast_mul(&self.weight.to_dtype(x.dtype())?)
@@ -86,8 +86,10 @@ impl CustomOp1 for RmsNormOp {
         // With r = sqrt(mean(x²) + eps) and gw = g ⊙ w:
         // dx = gw / r − x · Σ(gw ⊙ x) / (H · r³)
         let h = x.dim(D::Minus1)? as f64;
-        let x32 = x.to_dtype(DType::F32)?;
-        let gw = grad.to_dtype(DType::F32)?.broadcast_mul(&self.weight.to_dtype(DType::F32)?)?;
+        let x32 = x.to_dtype(crate::accum_dtype(x.dtype()))?;
+        let gw = grad
+            .to_dtype(crate::accum_dtype(grad.dtype()))?
+            .broadcast_mul(&self.weight.to_dtype(crate::accum_dtype(x.dtype()))?)?;
         let r = (x32.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?;
         let dot = (&gw * &x32)?.sum_keepdim(D::Minus1)?;
         let dx = (gw.broadcast_div(&r)? - x32.broadcast_mul(&dot.broadcast_div(&(r.powf(3.0)? * h)?)?)?)?;

@@ -1,0 +1,5 @@
+//! The cross-crate test binary: PEFT/transformers reference checks, model variants and
+//! bad input.
+
+mod bad_input;
+mod reference;
