@@ -8,6 +8,8 @@
 pub mod atomic;
 pub mod batch;
 pub mod checkpoint;
+pub mod config;
+pub mod data;
 pub mod error;
 pub mod json;
 pub mod model_config;

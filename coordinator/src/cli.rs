@@ -1,22 +1,30 @@
 //! Command-line definitions.
 
+use crate::train_args::TrainFlags;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
-/// Distributed LoRA instruction fine-tuning.
+/// Distributed LoRA instruction fine-tuning. Without a subcommand, trains (with no settings
+/// at all: the embedded demo).
 #[derive(Parser, Debug)]
-#[command(name = "coordinator", version, about)]
+#[command(name = "coordinator", version, about, args_conflicts_with_subcommands = true)]
 pub struct Cli {
     /// More log output (repeat for more).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    #[command(flatten)]
+    pub train: TrainFlags,
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
 }
 
 /// What to do.
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Train a LoRA adapter (the default).
+    Train(Box<TrainFlags>),
+    /// Loss, perplexity and exact-match accuracy of a model (and adapter) on a data set.
+    Eval(EvalArgs),
     /// Generate text with a base model and optional LoRA adapters.
     Generate(GenerateArgs),
     /// Fold a LoRA adapter into its base model and write a complete model folder.
@@ -29,6 +37,40 @@ pub struct DeviceArgs {
     /// `cpu`, or `cuda` / `cuda:N` in builds with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+}
+
+/// `coordinator eval`.
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// Hugging Face model folder.
+    #[arg(long)]
+    pub base: PathBuf,
+    /// PEFT adapter folder.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Records to evaluate (Alpaca JSON/JSONL or chat messages).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Prompt template: alpaca, alpaca_legacy, chatml, llama3 or a template file.
+    #[arg(long, default_value = "alpaca")]
+    pub template: String,
+    /// Longest example in tokens.
+    #[arg(long = "cutoff-len", alias = "cutoff_len", default_value_t = 256)]
+    pub cutoff_len: usize,
+    /// Also generate greedy answers (up to `--max-new-tokens`) and compare them with the outputs.
+    #[arg(long = "exact-match", alias = "exact_match")]
+    pub exact_match: bool,
+    /// Longest generated answer for `--exact-match`.
+    #[arg(long = "max-new-tokens", alias = "max_new_tokens", default_value_t = 32)]
+    pub max_new_tokens: usize,
+    /// Examples per forward pass for the loss.
+    #[arg(long = "batch-size", alias = "batch_size", default_value_t = 16)]
+    pub batch_size: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub device: DeviceArgs,
 }
 
 /// `coordinator generate`.
@@ -54,13 +96,13 @@ pub struct GenerateArgs {
     #[arg(long, requires = "instruction")]
     pub input: Option<String>,
     /// Most tokens to generate.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long = "max-new-tokens", alias = "max_new_tokens", default_value_t = 128)]
     pub max_new_tokens: usize,
     /// Sampling temperature; 0 is greedy decoding.
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f64,
     /// Nucleus sampling mass.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long = "top-p", alias = "top_p", default_value_t = 1.0)]
     pub top_p: f64,
     /// Sampling seed.
     #[arg(long, default_value_t = 0)]
@@ -85,6 +127,6 @@ pub struct MergeArgs {
     #[arg(long)]
     pub dtype: Option<String>,
     /// Largest shard, e.g. `5GB`, `500MB`; larger models are split with an index file.
-    #[arg(long, default_value = "5GB")]
+    #[arg(long = "max-shard-size", alias = "max_shard_size", default_value = "5GB")]
     pub max_shard_size: String,
 }

@@ -1,9 +1,12 @@
 //! `coordinator`: the lorafleet command line (train, eval, generate, merge).
 
 mod cli;
+mod eval_cmd;
 mod generate_cmd;
 mod merge_cmd;
 mod runtime;
+mod train;
+mod train_args;
 
 use clap::Parser;
 
@@ -28,7 +31,10 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: cli::Cli) -> anyhow::Result<()> {
     match cli.command {
-        cli::Command::Generate(args) => generate_cmd::run(args),
-        cli::Command::Merge(args) => merge_cmd::run(args),
+        None => train::run(cli.train),
+        Some(cli::Command::Train(flags)) => train::run(*flags),
+        Some(cli::Command::Eval(args)) => eval_cmd::run(args),
+        Some(cli::Command::Generate(args)) => generate_cmd::run(args),
+        Some(cli::Command::Merge(args)) => merge_cmd::run(args),
     }
 }

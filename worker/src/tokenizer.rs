@@ -64,3 +64,13 @@ impl Tokenizer {
         Error::Tokenizer { path: self.path.clone(), msg: e.to_string() }
     }
 }
+
+impl lorafleet_common::data::TextEncoder for Tokenizer {
+    fn encode(&self, text: &str, special: bool) -> std::result::Result<Vec<u32>, String> {
+        Tokenizer::encode(self, text, special).map_err(|e| e.to_string())
+    }
+
+    fn eos_id(&self) -> Option<u32> {
+        self.eos_ids.first().copied()
+    }
+}

@@ -1,0 +1,11 @@
+//! Instruction data: records on disk, prompt templates, tokenization with loss masks, and
+//! the seeded order in which examples become batches.
+
+pub mod records;
+pub mod schedule;
+pub mod template;
+pub mod tokenize;
+
+pub use records::{read_records, Message, Record};
+pub use template::{ChatFormat, PromptTemplate, Template};
+pub use tokenize::{tokenize_records, Example, TextEncoder, TokenizeOptions, TokenizeReport};

@@ -1,0 +1,209 @@
+//! Records to token ids and labels, with alpaca-lora's semantics made precise.
+//!
+//! alpaca-lora tokenizes `prompt + output` as one string and masks the first
+//! `len(tokenize(prompt))` labels, which silently assumes the prompt's tokens are a prefix of
+//! the whole. We tokenize each piece on its own and concatenate, so the mask is exact:
+//! - the first piece with the tokenizer's special tokens (BOS where it adds one), the rest
+//!   without;
+//! - then EOS for prompt templates (chat formats end turns with their own marker);
+//! - truncation to `cutoff_len`; a truncated example keeps no EOS (as alpaca-lora);
+//! - labels `-100` on prompt pieces unless `train_on_inputs`.
+
+use super::records::Record;
+use super::template::Template;
+use crate::batch::IGNORE_INDEX;
+use crate::error::{FormatError, Result};
+use std::path::Path;
+
+/// What tokenization needs from a tokenizer.
+pub trait TextEncoder {
+    /// Ids of `text`, with the tokenizer's special tokens (BOS) when `special` is set.
+    fn encode(&self, text: &str, special: bool) -> std::result::Result<Vec<u32>, String>;
+    /// The id appended after an answer.
+    fn eos_id(&self) -> Option<u32>;
+}
+
+/// Tokenization settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenizeOptions {
+    /// Longest example in tokens.
+    pub cutoff_len: usize,
+    /// Whether prompt tokens count in the loss.
+    pub train_on_inputs: bool,
+}
+
+/// One tokenized example.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Example {
+    /// Index of the record it came from.
+    pub record: usize,
+    /// Token ids.
+    pub input_ids: Vec<u32>,
+    /// Labels (`-100` where not trained on).
+    pub labels: Vec<i64>,
+}
+
+impl Example {
+    /// Tokens that count in the loss (every non-ignored label after the first position).
+    pub fn target_tokens(&self) -> usize {
+        self.labels.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count()
+    }
+}
+
+/// What happened to the records.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TokenizeReport {
+    /// Records read.
+    pub records: usize,
+    /// Examples kept.
+    pub kept: usize,
+    /// Kept examples that were cut at `cutoff_len` (and so lost their EOS).
+    pub truncated: usize,
+    /// Records dropped because nothing trainable was left within `cutoff_len`.
+    pub dropped: usize,
+}
+
+/// Tokenizes every record of `source` (named in errors).
+pub fn tokenize_records(
+    source: &Path,
+    records: &[Record],
+    template: &Template,
+    encoder: &dyn TextEncoder,
+    options: &TokenizeOptions,
+) -> Result<(Vec<Example>, TokenizeReport)> {
+    if options.cutoff_len < 2 {
+        return Err(FormatError::invalid(
+            source,
+            format!("cutoff_len {} leaves no room for a target", options.cutoff_len),
+        ));
+    }
+    let eos = match template {
+        Template::Prompt(_) => {
+            Some(encoder.eos_id().ok_or_else(|| FormatError::invalid(source, "the tokenizer defines no eos token"))?)
+        }
+        Template::Chat(_) => None,
+    };
+    let mut report = TokenizeReport { records: records.len(), ..Default::default() };
+    let mut examples = Vec::with_capacity(records.len());
+    for (i, record) in records.iter().enumerate() {
+        let segments = template.segments(record).ok_or_else(|| {
+            FormatError::invalid(
+                source,
+                format!("record {} is a chat record; use a chat template (chatml or llama3)", i + 1),
+            )
+        })?;
+        let mut ids = Vec::new();
+        let mut labels = Vec::new();
+        for (k, (text, trainable)) in segments.iter().enumerate() {
+            let piece = encoder
+                .encode(text, k == 0)
+                .map_err(|e| FormatError::invalid(source, format!("record {}: {e}", i + 1)))?;
+            let train = *trainable || options.train_on_inputs;
+            labels.extend(piece.iter().map(|&t| if train { i64::from(t) } else { IGNORE_INDEX }));
+            ids.extend(piece);
+        }
+        if let Some(eos) = eos {
+            ids.push(eos);
+            labels.push(i64::from(eos));
+        }
+        let mut truncated = false;
+        if ids.len() > options.cutoff_len {
+            ids.truncate(options.cutoff_len);
+            labels.truncate(options.cutoff_len);
+            truncated = true;
+        }
+        let example = Example { record: i, input_ids: ids, labels };
+        if example.target_tokens() == 0 {
+            report.dropped += 1;
+            continue;
+        }
+        report.truncated += usize::from(truncated);
+        examples.push(example);
+    }
+    report.kept = examples.len();
+    if examples.is_empty() {
+        return Err(FormatError::invalid(
+            source,
+            format!(
+                "no example has a target token within cutoff_len {}: every prompt is at least that long",
+                options.cutoff_len
+            ),
+        ));
+    }
+    Ok((examples, report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::template::PromptTemplate;
+
+    /// One id per character (its code point), BOS 1 with special tokens, EOS 2.
+    struct Chars;
+
+    impl TextEncoder for Chars {
+        fn encode(&self, text: &str, special: bool) -> std::result::Result<Vec<u32>, String> {
+            let mut v: Vec<u32> = if special { vec![1] } else { Vec::new() };
+            v.extend(text.chars().map(|c| c as u32));
+            Ok(v)
+        }
+        fn eos_id(&self) -> Option<u32> {
+            Some(2)
+        }
+    }
+
+    fn template() -> Template {
+        Template::Prompt(PromptTemplate {
+            prompt_input: "{instruction}|{input}>".into(),
+            prompt_no_input: "{instruction}>".into(),
+            response_split: ">".into(),
+        })
+    }
+
+    fn rec(instruction: &str, input: &str, output: &str) -> Record {
+        Record::Alpaca { instruction: instruction.into(), input: input.into(), output: output.into() }
+    }
+
+    fn run(records: &[Record], cutoff: usize, train_on_inputs: bool) -> Result<(Vec<Example>, TokenizeReport)> {
+        tokenize_records(
+            Path::new("d.jsonl"),
+            records,
+            &template(),
+            &Chars,
+            &TokenizeOptions { cutoff_len: cutoff, train_on_inputs },
+        )
+    }
+
+    #[test]
+    fn prompt_is_masked_answer_and_eos_are_trained() {
+        let (ex, report) = run(&[rec("ab", "", "xy")], 16, false).unwrap();
+        // <s> a b > x y </s>
+        assert_eq!(ex[0].input_ids, vec![1, 97, 98, 62, 120, 121, 2]);
+        assert_eq!(ex[0].labels, vec![-100, -100, -100, -100, 120, 121, 2]);
+        assert_eq!(ex[0].target_tokens(), 3);
+        assert_eq!(report, TokenizeReport { records: 1, kept: 1, truncated: 0, dropped: 0 });
+        let (ex, _) = run(&[rec("ab", "c", "x")], 16, true).unwrap();
+        assert_eq!(ex[0].input_ids, vec![1, 97, 98, 124, 99, 62, 120, 2]);
+        assert_eq!(ex[0].labels, vec![1, 97, 98, 124, 99, 62, 120, 2]);
+    }
+
+    #[test]
+    fn truncation_drops_the_eos_and_prompt_only_examples_are_dropped() {
+        let records = [rec("ab", "", "xyz"), rec("abcdef", "", "x"), rec("a", "", "")];
+        let (ex, report) = run(&records, 6, false).unwrap();
+        // Record 0: <s> a b > x y | z </s> cut off: no EOS.
+        assert_eq!(ex[0].input_ids, vec![1, 97, 98, 62, 120, 121]);
+        assert_eq!(ex[0].labels, vec![-100, -100, -100, -100, 120, 121]);
+        // Record 1's prompt fills the cutoff: nothing to learn, dropped.
+        // Record 2 (empty output) still learns its EOS.
+        assert_eq!(ex[1].record, 2);
+        assert_eq!(ex[1].labels, vec![-100, -100, -100, 2]);
+        assert_eq!(report, TokenizeReport { records: 3, kept: 2, truncated: 1, dropped: 1 });
+    }
+
+    #[test]
+    fn a_cutoff_shorter_than_every_prompt_is_an_error() {
+        let msg = run(&[rec("abcdef", "", "x"), rec("abcdefg", "", "y")], 4, false).unwrap_err().to_string();
+        assert!(msg.starts_with("d.jsonl:") && msg.contains("cutoff_len 4"), "{msg}");
+    }
+}

@@ -1,0 +1,96 @@
+//! What a run tells its user: a progress bar (or plain lines when stderr is not a terminal)
+//! and `metrics.jsonl`, one JSON object per logged step, eval and accuracy.
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Value};
+use std::fs::File;
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+
+/// Progress display plus the metrics file.
+pub struct Reporter {
+    bar: Option<ProgressBar>,
+    metrics: File,
+    /// (step, mean loss of the block) for the plot.
+    pub train_points: Vec<(f64, f64)>,
+    /// (step, eval loss) for the plot.
+    pub eval_points: Vec<(f64, f64)>,
+}
+
+impl Reporter {
+    /// Starts a run of `total` steps writing `output_dir/metrics.jsonl`.
+    pub fn new(output_dir: &Path, total: u64) -> Result<Self> {
+        let path = output_dir.join("metrics.jsonl");
+        let metrics = File::create(&path).with_context(|| format!("{}", path.display()))?;
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new(total);
+            bar.set_style(
+                ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]")
+                    .expect("a valid template"),
+            );
+            bar
+        });
+        Ok(Self { bar, metrics, train_points: Vec::new(), eval_points: Vec::new() })
+    }
+
+    /// A line of text above the bar (or on stderr).
+    pub fn say(&self, text: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(text),
+            None => eprintln!("{text}"),
+        }
+    }
+
+    /// Appends one record to metrics.jsonl.
+    pub fn record(&mut self, value: Value) -> Result<()> {
+        writeln!(self.metrics, "{value}")?;
+        self.metrics.flush()?;
+        Ok(())
+    }
+
+    /// After every step: moves the bar.
+    pub fn step(&self, step: u64, loss: f64, lr: f64, tokens_per_second: f64) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(step);
+            bar.set_message(format!("loss {loss:.4} lr {lr:.3e} {tokens_per_second:.0} tok/s"));
+        }
+    }
+
+    /// A logged block of steps (`logging_steps`).
+    pub fn log_train(&mut self, fields: Value) -> Result<()> {
+        let (step, loss) = (fields["step"].as_f64().unwrap_or(0.0), fields["loss"].as_f64().unwrap_or(f64::NAN));
+        self.train_points.push((step, loss));
+        if self.bar.is_none() {
+            eprintln!(
+                "step {step} loss {loss:.4} lr {:.3e} grad_norm {:.3} {:.0} tok/s",
+                fields["learning_rate"].as_f64().unwrap_or(0.0),
+                fields["grad_norm"].as_f64().unwrap_or(0.0),
+                fields["tokens_per_second"].as_f64().unwrap_or(0.0)
+            );
+        }
+        let mut v = json!({"type": "train"});
+        merge(&mut v, fields);
+        self.record(v)
+    }
+
+    /// An eval-loss measurement.
+    pub fn log_eval(&mut self, step: u64, loss: f64, tokens: u64) -> Result<()> {
+        self.eval_points.push((step as f64, loss));
+        self.say(&format!("step {step}: eval loss {loss:.4} over {tokens} tokens"));
+        self.record(json!({"type": "eval", "step": step, "eval_loss": loss, "eval_tokens": tokens}))
+    }
+
+    /// Ends the bar.
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+fn merge(into: &mut Value, from: Value) {
+    if let (Some(a), Value::Object(b)) = (into.as_object_mut(), from) {
+        a.extend(b);
+    }
+}

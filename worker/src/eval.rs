@@ -1,0 +1,72 @@
+//! Evaluation: token-weighted loss over answer tokens, and exact-match accuracy of greedy
+//! answers.
+
+use crate::dropout::Dropout;
+use crate::error::Result;
+use crate::generate::{generate, Sampling};
+use crate::lora::LoraAdapter;
+use crate::model::Llama;
+use crate::tokenizer::Tokenizer;
+use crate::train::loss_sum;
+use lorafleet_common::data::Example;
+use lorafleet_common::Batch;
+
+/// Summed loss and target-token count.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LossSum {
+    /// Σ token cross-entropy.
+    pub loss_sum: f64,
+    /// Target tokens.
+    pub tokens: u64,
+}
+
+impl LossSum {
+    /// Mean token loss (0 without tokens).
+    pub fn mean(&self) -> f64 {
+        if self.tokens == 0 {
+            0.0
+        } else {
+            self.loss_sum / self.tokens as f64
+        }
+    }
+}
+
+/// Loss over `examples`, `batch_rows` at a time, without dropout.
+pub fn eval_loss(
+    model: &Llama,
+    adapter: Option<&LoraAdapter>,
+    examples: &[Example],
+    pad_id: u32,
+    batch_rows: usize,
+) -> Result<LossSum> {
+    let mut total = LossSum::default();
+    for chunk in examples.chunks(batch_rows.max(1)) {
+        let rows: Vec<(Vec<u32>, Vec<i64>)> = chunk.iter().map(|e| (e.input_ids.clone(), e.labels.clone())).collect();
+        let batch = Batch::from_rows(&rows, chunk.iter().map(|e| e.record as u64).collect(), pad_id, 8);
+        let (loss, tokens) = loss_sum(model, adapter, &batch, &Dropout::Off)?;
+        total.loss_sum += f64::from(loss.to_scalar::<f32>()?);
+        total.tokens += tokens as u64;
+    }
+    Ok(total)
+}
+
+/// Whether the greedy answer to each `(prompt, expected)` pair equals the expected answer
+/// after trimming surrounding whitespace. Prompts are encoded with the tokenizer's special
+/// tokens; generation stops at EOS or after `max_new_tokens`.
+pub fn exact_match(
+    model: &Llama,
+    adapter: Option<&LoraAdapter>,
+    tokenizer: &Tokenizer,
+    pairs: &[(String, String)],
+    max_new_tokens: usize,
+) -> Result<Vec<bool>> {
+    let sampling = Sampling { max_new_tokens, ..Sampling::default() };
+    pairs
+        .iter()
+        .map(|(prompt, expected)| {
+            let ids = tokenizer.encode(prompt, true)?;
+            let out = generate(model, adapter, &ids, &tokenizer.eos_ids, &sampling)?;
+            Ok(tokenizer.decode(&out.ids)?.trim() == expected.trim())
+        })
+        .collect()
+}

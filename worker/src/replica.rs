@@ -1,0 +1,91 @@
+//! One data-parallel replica: the frozen model, its LoRA adapter, the optimizer state and
+//! the collective that ties it to the other replicas. Executes one optimizer step from the
+//! micro-batches the coordinator assigns to this rank.
+
+use crate::adamw::{AdamW, AdamWConfig};
+use crate::collective::Collective;
+use crate::dropout::Dropout;
+use crate::error::Result;
+use crate::lora::LoraAdapter;
+use crate::model::Llama;
+use crate::train::{apply, StepAccumulator, StepStats};
+use lorafleet_common::Batch;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Where a replica's step time went.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StepTimings {
+    /// Forward and backward of every micro-batch.
+    pub compute_seconds: f64,
+    /// All-reduce of gradients and statistics.
+    pub reduce_seconds: f64,
+    /// Clipping and the AdamW update.
+    pub optimizer_seconds: f64,
+}
+
+/// A model replica with its trainable state.
+pub struct Replica {
+    model: Arc<Llama>,
+    adapter: LoraAdapter,
+    optimizer: AdamW,
+    collective: Box<dyn Collective>,
+    seed: u64,
+}
+
+impl Replica {
+    /// Wraps a model and a fresh or loaded adapter; `seed` keys the dropout masks.
+    pub fn new(
+        model: Arc<Llama>,
+        adapter: LoraAdapter,
+        adam: AdamWConfig,
+        collective: Box<dyn Collective>,
+        seed: u64,
+    ) -> Result<Self> {
+        let vars: Vec<_> = adapter.named_vars().into_iter().map(|(_, v)| v).collect();
+        let optimizer = AdamW::new(adam, &vars, model.device())?;
+        Ok(Self { model, adapter, optimizer, collective, seed })
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Llama {
+        &self.model
+    }
+
+    /// The adapter being trained.
+    pub fn adapter(&self) -> &LoraAdapter {
+        &self.adapter
+    }
+
+    /// The optimizer state.
+    pub fn optimizer(&self) -> &AdamW {
+        &self.optimizer
+    }
+
+    /// Runs optimizer step `step` (1-based) over this rank's `micro_batches` at learning rate `lr`.
+    /// Every rank must call this with the same number of micro-batches (some may be empty).
+    pub fn step(
+        &mut self,
+        micro_batches: &[Batch],
+        step: u64,
+        lr: f64,
+        max_grad_norm: f64,
+    ) -> Result<(StepStats, StepTimings)> {
+        let start = Instant::now();
+        let mut acc = StepAccumulator::new(&self.adapter);
+        for batch in micro_batches.iter().filter(|b| b.rows > 0) {
+            let dropout = Dropout::On { seed: self.seed, step, example_ids: batch.example_ids.clone() };
+            acc.micro_batch(&self.model, &self.adapter, batch, &dropout)?;
+        }
+        let computed = Instant::now();
+        let (grads, stats) = acc.reduce(&self.adapter, self.collective.as_mut(), step)?;
+        let reduced = Instant::now();
+        apply(&self.adapter, &mut self.optimizer, grads, &stats, lr, max_grad_norm)?;
+        let timings = StepTimings {
+            compute_seconds: (computed - start).as_secs_f64(),
+            reduce_seconds: (reduced - computed).as_secs_f64(),
+            optimizer_seconds: reduced.elapsed().as_secs_f64(),
+        };
+        Ok((stats, timings))
+    }
+}
