@@ -7,7 +7,7 @@ use std::path::PathBuf;
 /// Distributed LoRA instruction fine-tuning. Without a subcommand, trains (with no settings
 /// at all: the embedded demo).
 #[derive(Parser, Debug)]
-#[command(name = "coordinator", version, about, args_conflicts_with_subcommands = true)]
+#[command(name = "coordinator", version, about, args_conflicts_with_subcommands = true, args_override_self = true)]
 pub struct Cli {
     /// More log output (repeat for more).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
@@ -22,6 +22,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Train a LoRA adapter (the default).
+    #[command(args_override_self = true)]
     Train(Box<TrainFlags>),
     /// Loss, perplexity and exact-match accuracy of a model (and adapter) on a data set.
     Eval(EvalArgs),

@@ -1,30 +1,11 @@
-//! The `coordinator` binary as a user runs it, on the tiny-llama fixture.
+//! `coordinator generate` and `coordinator merge`.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn tiny() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-llama")
-}
-
-fn coordinator(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_coordinator")).args(args).output().expect("running coordinator")
-}
-
-fn ok_stdout(args: &[&str]) -> String {
-    let out = coordinator(args);
-    assert!(out.status.success(), "coordinator {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
+use super::{coordinator, ok_stdout, s, tiny};
 
 fn expected_text(which: &str) -> String {
     let g: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(tiny().join("generation.json")).unwrap()).unwrap();
     format!("{}\n", g["results"][which]["new_text"].as_str().unwrap())
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 #[test]
