@@ -79,6 +79,8 @@ pub struct TrainConfig {
     pub lora_alpha: f64,
     /// LoRA dropout.
     pub lora_dropout: f64,
+    /// Keep only block inputs in the forward and recompute blocks in the backward.
+    pub gradient_checkpointing: bool,
     /// Modules to adapt.
     pub lora_target_modules: TargetSpec,
     /// rsLoRA scaling (alpha / sqrt(r)).
@@ -143,6 +145,7 @@ impl Default for TrainConfig {
             lora_r: 8,
             lora_alpha: 16.0,
             lora_dropout: 0.05,
+            gradient_checkpointing: true,
             lora_target_modules: TargetSpec::List(vec!["q_proj".into(), "v_proj".into()]),
             use_rslora: false,
             init_lora_weights: "true".into(),

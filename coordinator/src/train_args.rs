@@ -83,6 +83,9 @@ train_flags! {
     lora_alpha: f64 = "lora_alpha" | "lora-alpha", plain;
     /// LoRA dropout.
     lora_dropout: f64 = "lora_dropout" | "lora-dropout", plain;
+    /// Recompute blocks in the backward (less memory, ~30% more compute).
+    #[arg(num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    gradient_checkpointing: bool = "gradient_checkpointing" | "gradient-checkpointing", plain;
     /// `q_proj,v_proj`, `[q_proj,v_proj]` or `all-linear`.
     #[arg(value_parser = parse_targets)]
     lora_target_modules: TargetSpec = "lora_target_modules" | "lora-target-modules", plain;

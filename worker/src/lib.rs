@@ -15,6 +15,7 @@ pub mod generate;
 pub mod lora;
 pub mod merge;
 pub mod model;
+pub mod recompute;
 pub mod replica;
 pub mod tokenizer;
 pub mod train;

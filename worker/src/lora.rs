@@ -158,6 +158,11 @@ impl LoraAdapter {
         out
     }
 
+    /// The parameters of block `layer`.
+    pub fn layer_vars(&self, layer: usize) -> Vec<&Var> {
+        self.layers.get(layer).into_iter().flatten().flatten().flat_map(|p| [&p.a, &p.b]).collect()
+    }
+
     /// Number of trainable values.
     pub fn num_parameters(&self) -> usize {
         self.named_vars().iter().map(|(_, v)| v.elem_count()).sum()

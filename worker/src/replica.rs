@@ -31,6 +31,7 @@ pub struct Replica {
     optimizer: AdamW,
     collective: Box<dyn Collective>,
     seed: u64,
+    checkpointing: bool,
 }
 
 impl Replica {
@@ -44,7 +45,12 @@ impl Replica {
     ) -> Result<Self> {
         let vars: Vec<_> = adapter.named_vars().into_iter().map(|(_, v)| v).collect();
         let optimizer = AdamW::new(adam, &vars, model.device())?;
-        Ok(Self { model, adapter, optimizer, collective, seed })
+        Ok(Self { model, adapter, optimizer, collective, seed, checkpointing: false })
+    }
+
+    /// Recompute blocks in the backward instead of keeping their activations.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.checkpointing = on;
     }
 
     /// The model.
@@ -75,7 +81,7 @@ impl Replica {
         let mut acc = StepAccumulator::new(&self.adapter);
         for batch in micro_batches.iter().filter(|b| b.rows > 0) {
             let dropout = Dropout::On { seed: self.seed, step, example_ids: batch.example_ids.clone() };
-            acc.micro_batch(&self.model, &self.adapter, batch, &dropout)?;
+            acc.micro_batch(&self.model, &self.adapter, batch, &dropout, self.checkpointing)?;
         }
         let computed = Instant::now();
         let (grads, stats) = acc.reduce(&self.adapter, self.collective.as_mut(), step)?;

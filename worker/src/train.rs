@@ -11,6 +11,7 @@ use crate::dropout::Dropout;
 use crate::error::{Error, Result};
 use crate::lora::LoraAdapter;
 use crate::model::Llama;
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor};
 use lorafleet_common::Batch;
 
@@ -22,9 +23,14 @@ pub fn loss_sum(
     batch: &Batch,
     dropout: &Dropout,
 ) -> Result<(Tensor, usize)> {
-    let device = model.device();
-    let ids = Tensor::from_slice(&batch.input_ids, (batch.rows, batch.seq_len), device)?;
+    let ids = Tensor::from_slice(&batch.input_ids, (batch.rows, batch.seq_len), model.device())?;
     let hidden = model.hidden_states(&ids, Some(&batch.attention_mask), adapter, dropout)?;
+    head_loss(model, &hidden, batch)
+}
+
+/// The summed token loss of final hidden states `[rows, seq, hidden]` against `batch`'s labels.
+pub fn head_loss(model: &Llama, hidden: &Tensor, batch: &Batch) -> Result<(Tensor, usize)> {
+    let device = model.device();
     let (positions, targets) = batch.scored_positions();
     if positions.is_empty() {
         return Ok((Tensor::zeros((), DType::F32, device)?, 0));
@@ -60,7 +66,8 @@ impl StepAccumulator {
         Self { grads: adapter.named_vars().iter().map(|_| None).collect(), loss_sum: 0.0, tokens: 0.0 }
     }
 
-    /// Runs forward and backward on one micro-batch and adds its gradient sums.
+    /// Runs forward and backward on one micro-batch and adds its gradient sums; with
+    /// `checkpointing`, only block inputs are kept and blocks are recomputed in the backward.
     /// Returns the micro-batch's loss sum and token count.
     pub fn micro_batch(
         &mut self,
@@ -68,18 +75,21 @@ impl StepAccumulator {
         adapter: &LoraAdapter,
         batch: &Batch,
         dropout: &Dropout,
+        checkpointing: bool,
     ) -> Result<(f64, usize)> {
-        let (loss, tokens) = loss_sum(model, Some(adapter), batch, dropout)?;
-        let value = f64::from(loss.to_scalar::<f32>()?);
-        if tokens > 0 {
-            let grads = loss.backward()?;
-            for (slot, (_, var)) in self.grads.iter_mut().zip(adapter.named_vars()) {
-                if let Some(g) = grads.get(var.as_tensor()) {
-                    *slot = Some(match slot.take() {
-                        Some(acc) => (acc + g)?,
-                        None => g.clone(),
-                    });
-                }
+        let (value, tokens, grads) = if checkpointing {
+            crate::recompute::backward(model, adapter, batch, dropout)?
+        } else {
+            let (loss, tokens) = loss_sum(model, Some(adapter), batch, dropout)?;
+            let grads = if tokens > 0 { loss.backward()? } else { GradStore::default() };
+            (f64::from(loss.to_scalar::<f32>()?), tokens, grads)
+        };
+        for (slot, (_, var)) in self.grads.iter_mut().zip(adapter.named_vars()) {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                *slot = Some(match slot.take() {
+                    Some(acc) => (acc + g)?,
+                    None => g.clone(),
+                });
             }
         }
         self.loss_sum += value;

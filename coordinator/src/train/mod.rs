@@ -146,6 +146,7 @@ fn train(config: &TrainConfig, p: Prepared) -> Result<()> {
         weight_decay: config.weight_decay,
     };
     let mut replica = Replica::new(model.clone(), adapter, adam, Box::new(SingleRank), config.seed)?;
+    replica.set_gradient_checkpointing(config.gradient_checkpointing);
     let lengths: Vec<usize> = p.train.iter().map(|e| e.input_ids.len()).collect();
     let all: Vec<usize> = (0..p.train.len()).collect();
     let started = Instant::now();

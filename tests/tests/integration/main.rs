@@ -2,5 +2,6 @@
 //! bad input.
 
 mod bad_input;
+mod checkpointing;
 mod reference;
 mod variants;

@@ -50,7 +50,7 @@ fn reference_step(m: &Llama, a: &LoraAdapter) -> (Vec<Tensor>, f64) {
     let r = reference();
     let batch = reference_batch(&r);
     let mut acc = StepAccumulator::new(a);
-    acc.micro_batch(m, a, &batch, &Dropout::Off).unwrap();
+    acc.micro_batch(m, a, &batch, &Dropout::Off, false).unwrap();
     let (grads, stats) = acc.reduce(a, &mut SingleRank, 1).unwrap();
     assert_eq!(stats.tokens, 15, "the README counts 15 scored positions");
     (grads, stats.loss)

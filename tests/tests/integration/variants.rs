@@ -27,7 +27,7 @@ fn check(name: &str) {
     let d = max_abs_diff(&lora, &r["lora_logits"]);
     assert!(d <= 1e-4, "{name}: LoRA logits differ by {d}");
     let mut acc = StepAccumulator::new(&a);
-    acc.micro_batch(&m, &a, &batch, &Dropout::Off).unwrap();
+    acc.micro_batch(&m, &a, &batch, &Dropout::Off, false).unwrap();
     let (grads, stats) = acc.reduce(&a, &mut SingleRank, 1).unwrap();
     let ref_loss = f64::from(r["lora_loss"].to_scalar::<f32>().unwrap());
     assert!(((stats.loss - ref_loss) / ref_loss).abs() <= 1e-5, "{name}: loss {} vs {ref_loss}", stats.loss);

@@ -158,6 +158,19 @@ impl Llama {
         Ok(self.lm_head.forward(hidden)?.to_dtype(DType::F32)?)
     }
 
+    /// The context of a full, uncached forward pass over `rows × seq` tokens.
+    pub fn context<'a>(
+        &self,
+        rows: usize,
+        seq: usize,
+        attention_mask: Option<&[u8]>,
+        adapter: Option<&'a LoraAdapter>,
+        dropout: &'a Dropout,
+    ) -> Result<ForwardCtx<'a>> {
+        let mask = mask::attention_mask(rows, seq, seq, attention_mask, self.config.sliding_window, &self.device)?;
+        Ok(ForwardCtx { adapter, dropout, mask })
+    }
+
     /// Final hidden states (after the last norm) for a full, uncached forward pass.
     pub fn hidden_states(
         &self,
@@ -167,8 +180,7 @@ impl Llama {
         dropout: &Dropout,
     ) -> Result<Tensor> {
         let (rows, seq) = ids.dims2()?;
-        let mask = mask::attention_mask(rows, seq, seq, attention_mask, self.config.sliding_window, &self.device)?;
-        let ctx = ForwardCtx { adapter, dropout, mask };
+        let ctx = self.context(rows, seq, attention_mask, adapter, dropout)?;
         let mut x = self.embed(ids)?;
         for i in 0..self.blocks.len() {
             x = self.block(i, &x, &ctx, None)?;
