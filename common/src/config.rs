@@ -79,6 +79,10 @@ pub struct TrainConfig {
     pub lora_alpha: f64,
     /// LoRA dropout.
     pub lora_dropout: f64,
+    /// Store the frozen block linears as int8 (alpaca-lora's `load_in_8bit`).
+    pub load_in_8bit: bool,
+    /// Input features per int8 scale (`None`: one scale per output row).
+    pub int8_group_size: Option<usize>,
     /// Keep only block inputs in the forward and recompute blocks in the backward.
     pub gradient_checkpointing: bool,
     /// Modules to adapt.
@@ -145,6 +149,8 @@ impl Default for TrainConfig {
             lora_r: 8,
             lora_alpha: 16.0,
             lora_dropout: 0.05,
+            load_in_8bit: false,
+            int8_group_size: None,
             gradient_checkpointing: true,
             lora_target_modules: TargetSpec::List(vec!["q_proj".into(), "v_proj".into()]),
             use_rslora: false,
@@ -264,6 +270,9 @@ impl TrainConfig {
         }
         if self.weight_decay < 0.0 || self.max_grad_norm < 0.0 || self.adam_epsilon <= 0.0 {
             return bad("weight_decay", "weight_decay and max_grad_norm must be >= 0, adam_epsilon > 0".into());
+        }
+        if self.int8_group_size == Some(0) {
+            return bad("int8_group_size", "must be at least 1".into());
         }
         if self.logging_steps == 0 {
             return bad("logging_steps", "must be at least 1".into());

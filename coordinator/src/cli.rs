@@ -30,14 +30,39 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Fold a LoRA adapter into its base model and write a complete model folder.
     Merge(MergeArgs),
+    /// Training speed and peak memory on the 58M benchmark model, beside PyTorch + PEFT.
+    Bench(BenchArgs),
 }
 
-/// Where the model runs.
+/// `coordinator bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Timed steps per configuration (median reported).
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    /// Untimed warm-up steps.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Run one configuration in this process (used by the benchmark itself).
+    #[arg(long, hide = true)]
+    pub only: Option<String>,
+    /// The model folder for `--only`.
+    #[arg(long, hide = true)]
+    pub model: Option<PathBuf>,
+}
+
+/// Where and how the base model runs.
 #[derive(Args, Debug, Clone)]
 pub struct DeviceArgs {
     /// `cpu`, or `cuda` / `cuda:N` in builds with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Store the frozen block linears as int8.
+    #[arg(long = "load-in-8bit", alias = "load_in_8bit")]
+    pub load_in_8bit: bool,
+    /// Input features per int8 scale (default: one scale per output row).
+    #[arg(long = "int8-group-size", alias = "int8_group_size")]
+    pub int8_group_size: Option<usize>,
 }
 
 /// `coordinator eval`.

@@ -1,5 +1,6 @@
 //! `coordinator`: the lorafleet command line (train, eval, generate, merge).
 
+mod bench_cmd;
 mod cli;
 mod eval_cmd;
 mod generate_cmd;
@@ -41,5 +42,6 @@ fn run(cli: cli::Cli) -> anyhow::Result<()> {
         Some(cli::Command::Eval(args)) => eval_cmd::run(args),
         Some(cli::Command::Generate(args)) => generate_cmd::run(args),
         Some(cli::Command::Merge(args)) => merge_cmd::run(args),
+        Some(cli::Command::Bench(args)) => bench_cmd::run(args),
     }
 }

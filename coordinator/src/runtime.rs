@@ -2,6 +2,9 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
+use lorafleet_worker::model::Quantization;
+use lorafleet_worker::Llama;
+use std::path::Path;
 
 /// Logs go to stderr so that stdout carries only results (generated text, JSON).
 pub fn init_logging(verbose: u8) {
@@ -41,6 +44,12 @@ pub fn compute_dtype(device: &Device) -> DType {
     } else {
         DType::BF16
     }
+}
+
+/// Loads a base model on `device` in its compute dtype, int8 when asked.
+pub fn load_model(dir: &Path, device: &Device, load_in_8bit: bool, group: Option<usize>) -> Result<Llama> {
+    let quantization = if load_in_8bit { Quantization::Int8 { group } } else { Quantization::None };
+    Ok(Llama::load_quantized(dir, compute_dtype(device), device, quantization)?)
 }
 
 /// `f32`, `f16`, `bf16` (and transformers' long names).

@@ -29,6 +29,10 @@ macro_rules! train_flags {
             /// TOML file with any of the settings below (flags override it).
             #[arg(long)]
             pub config: Option<PathBuf>,
+            /// Start from the embedded demo's settings (what `coordinator` alone runs); flags
+            /// still override them.
+            #[arg(long, conflicts_with = "config")]
+            pub demo: bool,
             /// Print the effective configuration as TOML and exit.
             #[arg(long = "print-config", alias = "print_config")]
             pub print_config: bool,
@@ -83,6 +87,11 @@ train_flags! {
     lora_alpha: f64 = "lora_alpha" | "lora-alpha", plain;
     /// LoRA dropout.
     lora_dropout: f64 = "lora_dropout" | "lora-dropout", plain;
+    /// Store the frozen block linears as int8.
+    #[arg(num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    load_in_8bit: bool = "load_in_8bit" | "load-in-8bit", plain;
+    /// Input features per int8 scale (default: one scale per output row).
+    int8_group_size: usize = "int8_group_size" | "int8-group-size", some;
     /// Recompute blocks in the backward (less memory, ~30% more compute).
     #[arg(num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
     gradient_checkpointing: bool = "gradient_checkpointing" | "gradient-checkpointing", plain;
@@ -147,7 +156,7 @@ impl TrainFlags {
     /// Defaults, then the TOML file (or the demo's when nothing is given), then the flags.
     /// Returns the configuration and the name of its origin for messages.
     pub fn resolve(&self) -> Result<(TrainConfig, PathBuf)> {
-        let demo = !self.any_setting();
+        let demo = self.demo || !self.any_setting();
         let (mut config, origin) = match (&self.config, demo) {
             (Some(path), _) => (TrainConfig::from_toml_file(path)?, path.clone()),
             (None, true) => {

@@ -9,9 +9,8 @@ use std::sync::Arc;
 #[derive(Clone)]
 pub struct FrozenLinear {
     weight: Tensor,
-    bias: Option<Tensor>,
+    bias: Option<FrozenBias>,
     matmul: Arc<Box<dyn CustomOp1 + Send + Sync>>,
-    add_bias: Option<Arc<Box<dyn CustomOp1 + Send + Sync>>>,
 }
 
 impl FrozenLinear {
@@ -19,19 +18,9 @@ impl FrozenLinear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let (out, _) = weight.dims2()?;
         let weight = crate::dense(&weight.detach())?;
-        let bias = match bias {
-            Some(b) => {
-                if b.dims1()? != out {
-                    bail!("bias of {} values for a linear layer with {out} outputs", b.dims1()?);
-                }
-                Some(crate::dense(&b.detach())?)
-            }
-            None => None,
-        };
+        let bias = bias.map(|b| FrozenBias::new(b, out)).transpose()?;
         let matmul: Arc<Box<dyn CustomOp1 + Send + Sync>> = Arc::new(Box::new(MatmulWt { weight: weight.clone() }));
-        let add_bias =
-            bias.clone().map(|b| Arc::new(Box::new(AddFrozen { bias: b }) as Box<dyn CustomOp1 + Send + Sync>));
-        Ok(Self { weight, bias, matmul, add_bias })
+        Ok(Self { weight, bias, matmul })
     }
 
     /// The frozen weight `[out, in]`.
@@ -41,16 +30,44 @@ impl FrozenLinear {
 
     /// The frozen bias `[out]`, if any.
     pub fn bias(&self) -> Option<&Tensor> {
-        self.bias.as_ref()
+        self.bias.as_ref().map(FrozenBias::values)
     }
 
     /// Applies the layer to `x` of shape `[..., in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = crate::dense(x)?.apply_op1_arc(self.matmul.clone())?;
-        match &self.add_bias {
-            Some(op) => y.apply_op1_arc(op.clone()),
+        match &self.bias {
+            Some(b) => b.forward(&y),
             None => Ok(y),
         }
+    }
+}
+
+/// `y = x + b` with a frozen `b` over the last dimension; the gradient passes through to x.
+#[derive(Clone)]
+pub struct FrozenBias {
+    values: Tensor,
+    op: Arc<Box<dyn CustomOp1 + Send + Sync>>,
+}
+
+impl FrozenBias {
+    /// A bias of `out` values.
+    pub fn new(bias: Tensor, out: usize) -> Result<Self> {
+        if bias.dims1()? != out {
+            bail!("bias of {} values for a linear layer with {out} outputs", bias.dims1()?);
+        }
+        let values = crate::dense(&bias.detach())?;
+        Ok(Self { op: Arc::new(Box::new(AddFrozen { bias: values.clone() })), values })
+    }
+
+    /// The frozen values.
+    pub fn values(&self) -> &Tensor {
+        &self.values
+    }
+
+    /// Adds the bias to `y` `[..., out]`.
+    pub fn forward(&self, y: &Tensor) -> Result<Tensor> {
+        y.apply_op1_arc(self.op.clone())
     }
 }
 

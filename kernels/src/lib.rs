@@ -6,19 +6,26 @@
 //! the gradient. Each op here keeps its frozen operands (weights, tables, masks) *inside*
 //! the op, so the graph only ever sees the activation, and implements `bwd` analytically.
 //!
+//! Backward bodies detach the saved tensors they read, so the gradient they return carries
+//! no graph that would keep their temporaries alive.
+//!
 //! Every op has a CPU body; on CUDA the body runs the same maths through candle's own GPU
 //! kernels ([`fallback`]) until a fused kernel replaces it.
 #![deny(missing_docs)]
 
-mod cross_entropy;
 mod fallback;
 mod frozen_linear;
+#[cfg(feature = "cuda")]
+mod int8_cuda;
+mod int8_linear;
+mod lm_head_loss;
 mod masked_softmax;
 mod rms_norm;
 mod rope;
 
-pub use cross_entropy::cross_entropy_rows;
-pub use frozen_linear::FrozenLinear;
+pub use frozen_linear::{FrozenBias, FrozenLinear};
+pub use int8_linear::Int8Linear;
+pub use lm_head_loss::lm_head_cross_entropy;
 pub use masked_softmax::masked_softmax;
 pub use rms_norm::RmsNorm;
 pub use rope::Rope;

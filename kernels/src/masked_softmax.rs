@@ -83,6 +83,7 @@ impl CustomOp1 for MaskedSoftmaxOp {
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let y = &y.detach();
         let y32 = y.to_dtype(crate::accum_dtype(y.dtype()))?;
         let g32 = grad.to_dtype(crate::accum_dtype(grad.dtype()))?;
         let dot = (&g32 * &y32)?.sum_keepdim(D::Minus1)?;

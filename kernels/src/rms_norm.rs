@@ -85,6 +85,7 @@ impl CustomOp1 for RmsNormOp {
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         // With r = sqrt(mean(x²) + eps) and gw = g ⊙ w:
         // dx = gw / r − x · Σ(gw ⊙ x) / (H · r³)
+        let x = &x.detach();
         let h = x.dim(D::Minus1)? as f64;
         let x32 = x.to_dtype(crate::accum_dtype(x.dtype()))?;
         let gw = grad

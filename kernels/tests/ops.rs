@@ -2,7 +2,7 @@
 //! finite differences of its own forward (in f64, where differences are exact enough).
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use lorafleet_kernels::{cross_entropy_rows, masked_softmax, FrozenLinear, RmsNorm, Rope};
+use lorafleet_kernels::{lm_head_cross_entropy, masked_softmax, FrozenLinear, RmsNorm, Rope};
 use rand::{Rng, SeedableRng};
 
 fn random(shape: &[usize], seed: u64) -> Tensor {
@@ -129,28 +129,57 @@ fn masked_softmax_matches_reference_and_finite_differences() {
 }
 
 #[test]
-fn cross_entropy_matches_log_softmax_and_finite_differences() {
-    let z = random(&[4, 9], 10);
-    let targets = [0u32, 8, 3, 3];
-    let ls = {
-        let max = z.max_keepdim(D::Minus1).unwrap();
-        let shifted = z.broadcast_sub(&max).unwrap();
-        shifted.broadcast_sub(&shifted.exp().unwrap().sum_keepdim(D::Minus1).unwrap().log().unwrap()).unwrap()
-    };
-    let idx = Tensor::from_slice(&targets, (4, 1), &Device::Cpu).unwrap();
+fn lm_head_loss_matches_log_softmax_and_finite_differences() {
+    let h = random(&[5, 6], 10);
+    let w = random(&[9, 6], 11);
+    let targets = [0u32, 8, 3, 3, 5];
+    let z = h.matmul(&w.t().unwrap()).unwrap();
+    let max = z.max_keepdim(D::Minus1).unwrap();
+    let shifted = z.broadcast_sub(&max).unwrap();
+    let ls = shifted.broadcast_sub(&shifted.exp().unwrap().sum_keepdim(D::Minus1).unwrap().log().unwrap()).unwrap();
+    let idx = Tensor::from_slice(&targets, (5, 1), &Device::Cpu).unwrap();
     let reference = ls.gather(&idx, 1).unwrap().squeeze(1).unwrap().neg().unwrap();
-    assert!(max_diff(&cross_entropy_rows(&z, &targets).unwrap(), &reference) < 1e-6);
-    // The op computes in f32; check its gradient on an f32 copy against f64 differences of
+    let (h32, w32) = (h.to_dtype(DType::F32).unwrap(), w.to_dtype(DType::F32).unwrap());
+    assert!(max_diff(&lm_head_cross_entropy(&h32, &w32, &targets).unwrap(), &reference) < 1e-5);
+    // The op computes logits in f32; its gradient on f32 inputs against f64 differences of
     // the reference composition.
-    let var = Var::from_tensor(&z.to_dtype(DType::F32).unwrap()).unwrap();
-    let g = cross_entropy_rows(var.as_tensor(), &targets).unwrap().sum_all().unwrap().backward().unwrap();
-    let analytic = g.get(var.as_tensor()).unwrap().clone();
-    let softmax = ls.exp().unwrap();
-    let mut onehot = vec![0f64; 36];
-    for (r, &t) in targets.iter().enumerate() {
-        onehot[r * 9 + t as usize] = 1.0;
+    let var = Var::from_tensor(&h32).unwrap();
+    let g = lm_head_cross_entropy(var.as_tensor(), &w32, &targets).unwrap().sum_all().unwrap().backward().unwrap();
+    let flat: Vec<f64> = h.flatten_all().unwrap().to_vec1().unwrap();
+    let analytic: Vec<f32> = g.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    for i in 0..flat.len() {
+        let eval = |d: f64| {
+            let mut v = flat.clone();
+            v[i] += d;
+            let ht = Tensor::from_vec(v, (5, 6), &Device::Cpu).unwrap();
+            let z = ht.matmul(&w.t().unwrap()).unwrap();
+            let lse = z.exp().unwrap().sum_keepdim(D::Minus1).unwrap().log().unwrap();
+            (lse - z.gather(&idx, 1).unwrap()).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+        };
+        let numeric = (eval(1e-6) - eval(-1e-6)) / 2e-6;
+        assert!((numeric - f64::from(analytic[i])).abs() < 1e-5, "{i}: {numeric} vs {}", analytic[i]);
     }
-    let expected = (softmax - Tensor::from_vec(onehot, (4, 9), &Device::Cpu).unwrap()).unwrap();
-    assert!(max_diff(&analytic, &expected) < 1e-6);
-    assert!(cross_entropy_rows(&z, &[0, 9, 0, 0]).is_err(), "out-of-vocabulary targets are rejected");
+    assert!(lm_head_cross_entropy(&h32, &w32, &[0, 9, 0, 0, 0]).is_err(), "out-of-vocabulary targets are rejected");
+}
+
+#[test]
+fn lm_head_loss_over_several_chunks_equals_one_pass() {
+    // 32 MiB of logits per chunk: a 40000-word vocabulary takes 209 rows per chunk.
+    let h = random(&[300, 4], 12).to_dtype(DType::F32).unwrap();
+    let w = random(&[40000, 4], 13).to_dtype(DType::F32).unwrap();
+    let targets: Vec<u32> = (0..300).map(|i| (i * 131) % 40000).collect();
+    let var = Var::from_tensor(&h).unwrap();
+    let loss = lm_head_cross_entropy(var.as_tensor(), &w, &targets).unwrap();
+    let z = h.matmul(&w.t().unwrap()).unwrap();
+    let max = z.max_keepdim(D::Minus1).unwrap();
+    let lse =
+        (z.broadcast_sub(&max).unwrap().exp().unwrap().sum_keepdim(D::Minus1).unwrap().log().unwrap() + max).unwrap();
+    let idx = Tensor::from_slice(&targets, (300, 1), &Device::Cpu).unwrap();
+    let direct = (lse - z.gather(&idx, 1).unwrap()).unwrap().squeeze(1).unwrap();
+    assert!(max_diff(&loss, &direct) < 1e-4);
+    let g = loss.sum_all().unwrap().backward().unwrap();
+    let p = candle_core::Tensor::exp(&z.broadcast_sub(&z.max_keepdim(D::Minus1).unwrap()).unwrap()).unwrap();
+    let p = p.broadcast_div(&p.sum_keepdim(D::Minus1).unwrap()).unwrap();
+    let dz = p.scatter_add(&idx, &Tensor::full(-1f32, (300, 1), &Device::Cpu).unwrap(), 1).unwrap();
+    assert!(max_diff(g.get(var.as_tensor()).unwrap(), &dz.matmul(&w).unwrap()) < 1e-4);
 }

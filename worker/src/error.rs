@@ -38,8 +38,14 @@ pub enum Error {
     #[error("{0}")]
     Invalid(String),
     /// A tensor operation failed; this is a bug or an out-of-memory condition.
-    #[error("tensor operation failed: {0}")]
+    #[error("tensor operation failed: {}", first_line(.0))]
     Candle(#[from] candle_core::Error),
+}
+
+/// candle appends a captured backtrace to its messages when `RUST_BACKTRACE` is set; a
+/// user needs the first line, a developer can still get the rest from `{:?}`.
+fn first_line(e: &candle_core::Error) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_owned()
 }
 
 impl Error {

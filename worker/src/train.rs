@@ -37,8 +37,7 @@ pub fn head_loss(model: &Llama, hidden: &Tensor, batch: &Batch) -> Result<(Tenso
     }
     let flat = hidden.reshape((batch.rows * batch.seq_len, model.config().hidden_size))?;
     let picked = flat.index_select(&Tensor::from_slice(&positions, positions.len(), device)?, 0)?;
-    let logits = model.logits(&picked)?;
-    let losses = lorafleet_kernels::cross_entropy_rows(&logits, &targets)?;
+    let losses = lorafleet_kernels::lm_head_cross_entropy(&picked, model.head_weight(), &targets)?;
     Ok((losses.sum_all()?, positions.len()))
 }
 

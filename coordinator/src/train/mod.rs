@@ -49,7 +49,7 @@ pub fn run(flags: TrainFlags) -> Result<()> {
             config.workers
         );
     }
-    if !flags.any_setting() {
+    if flags.demo || !flags.any_setting() {
         eprintln!("no settings given: training the embedded demo ({})", origin.display());
     }
     let prepared = prepare(&config)?;
@@ -59,7 +59,8 @@ pub fn run(flags: TrainFlags) -> Result<()> {
 
 fn prepare(config: &TrainConfig) -> Result<Prepared> {
     let device = runtime::device(&config.device)?;
-    let model = Arc::new(Llama::load(&config.base_model, runtime::compute_dtype(&device), &device)?);
+    let model =
+        Arc::new(runtime::load_model(&config.base_model, &device, config.load_in_8bit, config.int8_group_size)?);
     let tokenizer = Tokenizer::from_dir(&config.base_model, model.config())?;
     let template = Template::by_name(&config.prompt_template_name)?;
     let options = TokenizeOptions { cutoff_len: config.cutoff_len, train_on_inputs: config.train_on_inputs };

@@ -3,5 +3,6 @@
 
 mod bad_input;
 mod checkpointing;
+mod int8;
 mod reference;
 mod variants;

@@ -1,10 +1,11 @@
 //! One pre-norm decoder block: attention with GQA and RoPE, then a SwiGLU MLP, each
 //! linear layer optionally carrying a LoRA branch.
 
+use super::linear::BaseLinear;
 use super::ForwardCtx;
 use crate::error::Result;
 use candle_core::Tensor;
-use lorafleet_kernels::{masked_softmax, FrozenLinear, RmsNorm, Rope};
+use lorafleet_kernels::{masked_softmax, RmsNorm, Rope};
 
 /// Indices into `LINEAR_MODULES`, in the order the block uses them.
 pub(crate) const Q: usize = 0;
@@ -39,7 +40,7 @@ pub struct Block {
     pub(crate) input_norm: RmsNorm,
     pub(crate) post_norm: RmsNorm,
     /// q, k, v, o, gate, up, down, in `LINEAR_MODULES` order.
-    pub(crate) linears: Vec<FrozenLinear>,
+    pub(crate) linears: Vec<BaseLinear>,
     pub(crate) heads: usize,
     pub(crate) kv_heads: usize,
     pub(crate) head_dim: usize,

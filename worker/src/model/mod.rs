@@ -5,10 +5,12 @@
 //! evaluation share one code path.
 
 mod block;
+mod linear;
 pub mod mask;
 pub mod rope_tables;
 
 pub use block::{Block, LayerCache};
+pub use linear::{BaseLinear, Quantization};
 
 use crate::dropout::Dropout;
 use crate::error::{Error, Result};
@@ -45,16 +47,45 @@ pub struct Llama {
 impl Llama {
     /// Loads the model in `dir` (config.json + safetensors) as `dtype` on `device`.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_quantized(dir, dtype, device, Quantization::None)
+    }
+
+    /// Loads the model with its block linears stored as `quantization` says. Quantization
+    /// streams: each weight is read, quantized and dropped before the next is read, so the
+    /// full-precision model is never in memory.
+    pub fn load_quantized(dir: &Path, dtype: DType, device: &Device, quantization: Quantization) -> Result<Self> {
         let config = ModelConfig::from_dir(dir)?;
         let files = WeightFiles::open(&checkpoint::weight_files(dir)?)?;
-        Self::from_weights(config, &files, dtype, device)
+        Self::from_weights(config, &files, dtype, device, quantization)
     }
 
     /// Builds the model from already opened weight files.
-    pub fn from_weights(config: ModelConfig, files: &WeightFiles, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn from_weights(
+        config: ModelConfig,
+        files: &WeightFiles,
+        dtype: DType,
+        device: &Device,
+        quantization: Quantization,
+    ) -> Result<Self> {
         let c = &config;
         let (h, v) = (c.hidden_size, c.vocab_size);
         let load = |name: &str, shape: &[usize]| files.load(name, Some(shape), dtype, device);
+        // int8 weights are quantized on the host and only their int8 form goes to the device.
+        let linear_device = match quantization {
+            Quantization::None => device.clone(),
+            Quantization::Int8 { .. } => Device::Cpu,
+        };
+        let load_linear = |name: &str, shape: &[usize]| files.load(name, Some(shape), dtype, &linear_device);
+        if let Quantization::Int8 { group: Some(g) } = quantization {
+            for (m, name) in LINEAR_MODULES.iter().enumerate() {
+                let fan_in = crate::lora::module_shape(c, m).0;
+                if g == 0 || !fan_in.is_multiple_of(g) {
+                    return Err(Error::Invalid(format!(
+                        "int8 group size {g} does not divide the {fan_in} input features of {name}"
+                    )));
+                }
+            }
+        }
         let embed = load("model.embed_tokens.weight", &[v, h])?;
         let mut blocks = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
@@ -63,14 +94,14 @@ impl Llama {
             for (m, name) in LINEAR_MODULES.iter().enumerate() {
                 let group = if m >= block::GATE { "mlp" } else { "self_attn" };
                 let (fan_in, fan_out) = crate::lora::module_shape(c, m);
-                let w = load(&format!("{p}.{group}.{name}.weight"), &[fan_out, fan_in])?;
+                let w = load_linear(&format!("{p}.{group}.{name}.weight"), &[fan_out, fan_in])?;
                 let has_bias = match m {
                     block::Q | block::K | block::V => c.qkv_bias,
                     block::O => c.o_bias,
                     _ => c.mlp_bias,
                 };
                 let b = if has_bias { Some(load(&format!("{p}.{group}.{name}.bias"), &[fan_out])?) } else { None };
-                linears.push(FrozenLinear::new(w, b)?);
+                linears.push(BaseLinear::new(w, b, quantization, device)?);
             }
             blocks.push(Block {
                 index: i,
@@ -115,8 +146,7 @@ impl Llama {
         for b in &self.blocks {
             out.extend([b.input_norm.weight(), b.post_norm.weight()]);
             for l in &b.linears {
-                out.push(l.weight());
-                out.extend(l.bias());
+                out.extend(l.tensors());
             }
         }
         out
@@ -151,6 +181,11 @@ impl Llama {
     /// The final norm.
     pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
         Ok(self.norm.forward(x)?)
+    }
+
+    /// The output head's weight `[vocab, hidden]`.
+    pub fn head_weight(&self) -> &Tensor {
+        self.lm_head.weight()
     }
 
     /// Output-head logits in f32 for hidden states `[..., hidden]`.
