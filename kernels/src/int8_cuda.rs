@@ -46,10 +46,7 @@ fn tiles<T: CudaDType + DeviceRepr + WithDType>(
     let (Storage::Cuda(qc), Storage::Cuda(sc)) = (&*qg, &*sg) else { bail!("int8 linear: weights are not on the GPU") };
     let q_slice = <u8 as CudaDType>::as_cuda_slice(qc)?;
     let s_slice = <f32 as CudaDType>::as_cuda_slice(sc)?;
-    let mut parts = Vec::new();
-    let mut acc: Option<Tensor> = None;
-    for r0 in (0..n).step_by(TILE_ROWS) {
-        let rows = TILE_ROWS.min(n - r0);
+    crate::int8_linear::combine_tiles(x, n, TILE_ROWS, transpose, |r0, rows| {
         // SAFETY: the kernel writes every one of the rows·k elements before they are read.
         let buf = unsafe { dev.alloc::<T>(rows * k)? };
         let (r0_i, rows_i, k_i, group_i) = (r0 as i32, rows as i32, k as i32, group as i32);
@@ -63,24 +60,11 @@ fn tiles<T: CudaDType + DeviceRepr + WithDType>(
         launch.arg(&group_i);
         // SAFETY: argument types and order match `dequant_rows_*` in int8.cu.
         unsafe { launch.launch(LaunchConfig::for_num_elems((rows * k) as u32)) }.w()?;
-        let tile = Tensor::from_storage(
+        Ok(Tensor::from_storage(
             Storage::Cuda(<T as CudaDType>::wrap_cuda_slice(buf, dev.clone())),
             (rows, k),
             BackpropOp::none(),
             false,
-        );
-        if transpose {
-            parts.push(x.matmul(&tile.t()?)?);
-        } else {
-            let part = x.narrow(1, r0, rows)?.matmul(&tile)?;
-            acc = Some(match acc {
-                Some(a) => (a + part)?,
-                None => part,
-            });
-        }
-    }
-    match acc {
-        Some(a) => Ok(a),
-        None => Tensor::cat(&parts, 1),
-    }
+        ))
+    })
 }

@@ -117,6 +117,36 @@ impl Weights {
     }
 }
 
+/// `x·Wᵀ` (`transpose`) or `x·W` for a W of `n` rows delivered `tile` rows at a time by
+/// `tile_of(first_row, rows)` (dequantized, in x's dtype and on x's device).
+pub(crate) fn combine_tiles(
+    x: &Tensor,
+    n: usize,
+    tile: usize,
+    transpose: bool,
+    mut tile_of: impl FnMut(usize, usize) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let mut parts = Vec::with_capacity(n.div_ceil(tile));
+    let mut acc: Option<Tensor> = None;
+    for r0 in (0..n).step_by(tile) {
+        let rows = tile.min(n - r0);
+        let w = tile_of(r0, rows)?;
+        if transpose {
+            parts.push(x.matmul(&w.t()?)?);
+        } else {
+            let part = x.narrow(1, r0, rows)?.matmul(&w)?;
+            acc = Some(match acc {
+                Some(a) => (a + part)?,
+                None => part,
+            });
+        }
+    }
+    match acc {
+        Some(a) => Ok(a),
+        None => Tensor::cat(&parts, 1),
+    }
+}
+
 /// `x·Wᵀ` (`transpose`) or `x·W` over a dense 2-D input.
 struct Int8Matmul {
     w: Arc<Weights>,
@@ -126,27 +156,8 @@ struct Int8Matmul {
 impl Int8Matmul {
     /// The same product by tensor ops, one tile of W at a time (any device and dtype).
     fn by_tiles(&self, x: &Tensor) -> Result<Tensor> {
-        let (n, k) = (self.w.q.dims()[0], self.w.q.dims()[1]);
-        let tile = tile_rows(k);
-        let mut parts = Vec::with_capacity(n.div_ceil(tile));
-        let mut acc: Option<Tensor> = None;
-        for r0 in (0..n).step_by(tile) {
-            let rows = tile.min(n - r0);
-            let w = self.w.tile(r0, rows, x.dtype())?;
-            if self.transpose {
-                parts.push(x.matmul(&w.t()?)?);
-            } else {
-                let part = x.narrow(1, r0, rows)?.matmul(&w)?;
-                acc = Some(match acc {
-                    Some(a) => (a + part)?,
-                    None => part,
-                });
-            }
-        }
-        match acc {
-            Some(a) => Ok(a),
-            None => Tensor::cat(&parts, 1),
-        }
+        let k = self.w.q.dims()[1];
+        combine_tiles(x, self.w.q.dims()[0], tile_rows(k), self.transpose, |r0, rows| self.w.tile(r0, rows, x.dtype()))
     }
 
     /// The CPU body for f32: dequantize a tile into a reused buffer, then one gemm call

@@ -65,42 +65,32 @@ impl LoraAdapter {
     /// A fresh adapter initialised as PEFT does (A random, B zero), from a seeded RNG.
     pub fn init(config: LoraConfig, model: &ModelConfig, seed: u64, device: &Device) -> Result<Self> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let mut targeted = 0;
-        let mut layers = Vec::with_capacity(model.num_hidden_layers);
-        for l in 0..model.num_hidden_layers {
-            let mut row = Vec::with_capacity(LINEAR_MODULES.len());
-            for (m, name) in LINEAR_MODULES.iter().enumerate() {
-                if !config.targets(l, name) {
-                    row.push(None);
-                    continue;
-                }
-                targeted += 1;
-                let (fan_in, fan_out) = module_shape(model, m);
-                let r = config.rank_for(l, name);
-                let a: Vec<f32> = match config.init {
-                    LoraInit::KaimingUniform => {
-                        let bound = 1.0 / (fan_in as f32).sqrt();
-                        let dist = Uniform::new(-bound, bound).map_err(|e| Error::Invalid(e.to_string()))?;
-                        (0..r * fan_in).map(|_| dist.sample(&mut rng)).collect()
-                    }
-                    LoraInit::Gaussian => {
-                        let dist = Normal::new(0.0, 1.0 / r as f32).map_err(|e| Error::Invalid(e.to_string()))?;
-                        (0..r * fan_in).map(|_| dist.sample(&mut rng)).collect()
-                    }
-                };
-                let a = Tensor::from_vec(a, (r, fan_in), device)?;
-                let b = Tensor::zeros((fan_out, r), DType::F32, device)?;
-                row.push(Some(Self::pair(&config, l, name, a, b)?));
+        let init = config.init;
+        let adapter = Self::from_tensors(config, model, |_, _, which, (rows, cols)| {
+            if which == "lora_B" {
+                return Ok(Tensor::zeros((rows, cols), DType::F32, device)?);
             }
-            layers.push(row);
-        }
-        if targeted == 0 {
+            // A is [r, in]: Kaiming-uniform bound 1/sqrt(in), or N(0, 1/r).
+            let a: Vec<f32> = match init {
+                LoraInit::KaimingUniform => {
+                    let bound = 1.0 / (cols as f32).sqrt();
+                    let dist = Uniform::new(-bound, bound).map_err(|e| Error::Invalid(e.to_string()))?;
+                    (0..rows * cols).map(|_| dist.sample(&mut rng)).collect()
+                }
+                LoraInit::Gaussian => {
+                    let dist = Normal::new(0.0, 1.0 / rows as f32).map_err(|e| Error::Invalid(e.to_string()))?;
+                    (0..rows * cols).map(|_| dist.sample(&mut rng)).collect()
+                }
+            };
+            Ok(Tensor::from_vec(a, (rows, cols), device)?)
+        })?;
+        if adapter.named_vars().is_empty() {
             return Err(Error::Invalid(format!(
                 "target_modules {:?} match no linear layer of this model",
-                config.target_modules
+                adapter.config.target_modules
             )));
         }
-        Ok(Self { config, layers })
+        Ok(adapter)
     }
 
     /// Builds an adapter from explicit tensors; `get(layer, module, which)` returns the
