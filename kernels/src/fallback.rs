@@ -4,6 +4,7 @@
 //! detached tensor lets the body reuse candle's kernels (at the cost of one copy in and one
 //! out), so every op works on every device before it gets a hand-written kernel.
 
+use crate::dense;
 use candle_core::backend::BackendStorage;
 use candle_core::op::BackpropOp;
 use candle_core::{bail, CpuStorage, Layout, Result, Shape, Storage, Tensor};
@@ -63,5 +64,3 @@ pub(crate) fn storage_of<S: DeviceStorage>(t: &Tensor) -> Result<(S, Shape)> {
         None => bail!("custom op: operand is on another device than its input"),
     }
 }
-
-use crate::dense;
