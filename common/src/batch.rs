@@ -46,6 +46,14 @@ impl Batch {
         batch
     }
 
+    /// A batch of tokenized examples, keyed by their record indices, right-padded to a
+    /// multiple of 8 (as alpaca-lora's collator).
+    pub fn from_examples<'a>(examples: impl IntoIterator<Item = &'a crate::data::Example>, pad_id: u32) -> Self {
+        let (rows, ids): (Vec<_>, Vec<_>) =
+            examples.into_iter().map(|e| ((e.input_ids.clone(), e.labels.clone()), e.record as u64)).unzip();
+        Self::from_rows(&rows, ids, pad_id, 8)
+    }
+
     /// Positions whose output is scored: `(row · seq_len + t, target)` for every `t` whose
     /// next label is not ignored.
     pub fn scored_positions(&self) -> (Vec<u32>, Vec<u32>) {

@@ -7,12 +7,3 @@ pub const ALPACA_PROMPT_NO_INPUT: &str =
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n";
 /// Marker after which the model's answer starts.
 pub const ALPACA_RESPONSE_SPLIT: &str = "### Response:";
-
-/// The Alpaca prompt for an instruction and an optional input (empty means none).
-pub fn alpaca_prompt(instruction: &str, input: &str) -> String {
-    if input.is_empty() {
-        ALPACA_PROMPT_NO_INPUT.replace("{instruction}", instruction)
-    } else {
-        ALPACA_PROMPT_INPUT.replace("{instruction}", instruction).replace("{input}", input)
-    }
-}

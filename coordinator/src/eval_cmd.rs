@@ -21,8 +21,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let loss = eval_loss(&model, adapter.as_ref(), &examples, tokenizer.pad_id, args.batch_size)?;
     let exact = if args.exact_match {
         let pairs: Vec<(String, String)> = records.iter().filter_map(|r| template.prompt_and_answer(r)).collect();
-        let hits = exact_match(&model, adapter.as_ref(), &tokenizer, &pairs, args.max_new_tokens)?;
-        Some(hits.iter().filter(|&&h| h).count() as f64 / hits.len().max(1) as f64)
+        Some(exact_match(&model, adapter.as_ref(), &tokenizer, &pairs, args.max_new_tokens)?)
     } else {
         None
     };

@@ -3,7 +3,7 @@
 use crate::cli::GenerateArgs;
 use crate::runtime;
 use anyhow::{bail, Context, Result};
-use lorafleet_common::prompt::alpaca_prompt;
+use lorafleet_common::data::PromptTemplate;
 use lorafleet_common::ModelConfig;
 use lorafleet_worker::adapter_io::load_adapter;
 use lorafleet_worker::generate::{generate, Sampling};
@@ -19,7 +19,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let active = select(&adapters, args.use_adapter.as_deref())?;
     let prompt = match (&args.prompt, &args.instruction) {
         (Some(p), _) => p.clone(),
-        (None, Some(i)) => alpaca_prompt(i, args.input.as_deref().unwrap_or("")),
+        (None, Some(i)) => PromptTemplate::alpaca().render(i, args.input.as_deref().unwrap_or("")),
         (None, None) => bail!("give --prompt or --instruction"),
     };
     let ids = tokenizer.encode(&prompt, true)?;

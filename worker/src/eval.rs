@@ -41,8 +41,7 @@ pub fn eval_loss(
 ) -> Result<LossSum> {
     let mut total = LossSum::default();
     for chunk in examples.chunks(batch_rows.max(1)) {
-        let rows: Vec<(Vec<u32>, Vec<i64>)> = chunk.iter().map(|e| (e.input_ids.clone(), e.labels.clone())).collect();
-        let batch = Batch::from_rows(&rows, chunk.iter().map(|e| e.record as u64).collect(), pad_id, 8);
+        let batch = Batch::from_examples(chunk, pad_id);
         let (loss, tokens) = loss_sum(model, adapter, &batch, &Dropout::Off)?;
         total.loss_sum += f64::from(loss.to_scalar::<f32>()?);
         total.tokens += tokens as u64;
@@ -50,7 +49,7 @@ pub fn eval_loss(
     Ok(total)
 }
 
-/// Whether the greedy answer to each `(prompt, expected)` pair equals the expected answer
+/// The fraction of `(prompt, expected)` pairs whose greedy answer equals the expected answer
 /// after trimming surrounding whitespace. Prompts are encoded with the tokenizer's special
 /// tokens; generation stops at EOS or after `max_new_tokens`.
 pub fn exact_match(
@@ -59,14 +58,13 @@ pub fn exact_match(
     tokenizer: &Tokenizer,
     pairs: &[(String, String)],
     max_new_tokens: usize,
-) -> Result<Vec<bool>> {
+) -> Result<f64> {
     let sampling = Sampling { max_new_tokens, ..Sampling::default() };
-    pairs
-        .iter()
-        .map(|(prompt, expected)| {
-            let ids = tokenizer.encode(prompt, true)?;
-            let out = generate(model, adapter, &ids, &tokenizer.eos_ids, &sampling)?;
-            Ok(tokenizer.decode(&out.ids)?.trim() == expected.trim())
-        })
-        .collect()
+    let mut hits = 0usize;
+    for (prompt, expected) in pairs {
+        let ids = tokenizer.encode(prompt, true)?;
+        let out = generate(model, adapter, &ids, &tokenizer.eos_ids, &sampling)?;
+        hits += usize::from(tokenizer.decode(&out.ids)?.trim() == expected.trim());
+    }
+    Ok(hits as f64 / pairs.len().max(1) as f64)
 }

@@ -96,23 +96,6 @@ fn prepare(config: &TrainConfig) -> Result<Prepared> {
     Ok(Prepared { model, tokenizer, train, eval, exact_pairs })
 }
 
-fn batch_of(examples: &[Example], ids: &[usize], pad_id: u32) -> Batch {
-    let rows: Vec<(Vec<u32>, Vec<i64>)> =
-        ids.iter().map(|&i| (examples[i].input_ids.clone(), examples[i].labels.clone())).collect();
-    Batch::from_rows(&rows, ids.iter().map(|&i| examples[i].record as u64).collect(), pad_id, 8)
-}
-
-fn accuracy(
-    model: &Llama,
-    adapter: Option<&LoraAdapter>,
-    tok: &Tokenizer,
-    pairs: &[(String, String)],
-    max_new: usize,
-) -> Result<f64> {
-    let hits = exact_match(model, adapter, tok, pairs, max_new)?;
-    Ok(hits.iter().filter(|&&h| h).count() as f64 / hits.len().max(1) as f64)
-}
-
 fn train(config: &TrainConfig, p: Prepared) -> Result<()> {
     let model = p.model.clone();
     let device = model.device().clone();
@@ -133,7 +116,7 @@ fn train(config: &TrainConfig, p: Prepared) -> Result<()> {
     let before = if p.exact_pairs.is_empty() {
         None
     } else {
-        let acc = accuracy(&model, None, &p.tokenizer, &p.exact_pairs, config.eval_max_new_tokens)?;
+        let acc = exact_match(&model, None, &p.tokenizer, &p.exact_pairs, config.eval_max_new_tokens)?;
         reporter.say(&format!("exact match before training: {:.1}% of {}", 100.0 * acc, p.exact_pairs.len()));
         reporter.record(
             json!({"type": "exact_match", "stage": "before", "accuracy": acc, "examples": p.exact_pairs.len()}),
@@ -164,7 +147,8 @@ fn train(config: &TrainConfig, p: Prepared) -> Result<()> {
             }
             let t0 = Instant::now();
             let plan = spread(global, 1, config.micro_batch_size);
-            let micro: Vec<Batch> = plan[0].iter().map(|ids| batch_of(&p.train, ids, pad)).collect();
+            let micro: Vec<Batch> =
+                plan[0].iter().map(|ids| Batch::from_examples(ids.iter().map(|&i| &p.train[i]), pad)).collect();
             tokens_seen +=
                 micro.iter().map(|b| b.attention_mask.iter().map(|&m| u64::from(m)).sum::<u64>()).sum::<u64>();
             let lr = lr::lr_at(&config.lr_scheduler, config.learning_rate, config.warmup_steps, total, step);
@@ -203,7 +187,8 @@ fn train(config: &TrainConfig, p: Prepared) -> Result<()> {
     let after = if p.exact_pairs.is_empty() {
         None
     } else {
-        let acc = accuracy(&model, Some(replica.adapter()), &p.tokenizer, &p.exact_pairs, config.eval_max_new_tokens)?;
+        let acc =
+            exact_match(&model, Some(replica.adapter()), &p.tokenizer, &p.exact_pairs, config.eval_max_new_tokens)?;
         reporter.record(
             json!({"type": "exact_match", "stage": "after", "accuracy": acc, "examples": p.exact_pairs.len()}),
         )?;
