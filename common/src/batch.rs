@@ -4,7 +4,7 @@
 pub const IGNORE_INDEX: i64 = -100;
 
 /// `rows × seq_len` tokens, row-major, right-padded.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Batch {
     /// Number of rows.
     pub rows: usize,
@@ -52,6 +52,11 @@ impl Batch {
         let (rows, ids): (Vec<_>, Vec<_>) =
             examples.into_iter().map(|e| ((e.input_ids.clone(), e.labels.clone()), e.record as u64)).unzip();
         Self::from_rows(&rows, ids, pad_id, 8)
+    }
+
+    /// Non-padding tokens: what throughput counts.
+    pub fn real_tokens(&self) -> u64 {
+        self.attention_mask.iter().map(|&m| u64::from(m)).sum()
     }
 
     /// Positions whose output is scored: `(row · seq_len + t, target)` for every `t` whose

@@ -123,6 +123,8 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Data-parallel workers.
     pub workers: usize,
+    /// Also write the base model with the adapter folded in, to `output_dir/merged`.
+    pub merge: bool,
     /// Exact-match accuracy on `eval_data_path` before and after training.
     pub eval_exact_match: bool,
     /// Longest generated answer in exact-match evaluation.
@@ -171,6 +173,7 @@ impl Default for TrainConfig {
             logging_steps: 10,
             seed: 42,
             workers: 1,
+            merge: false,
             eval_exact_match: false,
             eval_max_new_tokens: 32,
             device: "cpu".into(),
@@ -182,8 +185,13 @@ impl TrainConfig {
     /// Reads a TOML file; unknown keys are errors (a misspelt key must not be ignored).
     pub fn from_toml_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| FormatError::io(path, e))?;
-        toml::from_str(&text).map_err(|e| {
-            let (line, column) = e.span().map(|s| line_col(&text, s.start)).unwrap_or((1, 1));
+        Self::from_toml_str(&text, path)
+    }
+
+    /// Parses TOML text; errors name `origin` (a file, or where the text came from).
+    pub fn from_toml_str(text: &str, path: &Path) -> Result<Self> {
+        toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
             FormatError::Json { path: path.to_path_buf(), line, column, msg: e.message().to_owned() }
         })
     }

@@ -15,6 +15,7 @@ pub mod json;
 pub mod model_config;
 pub mod peft;
 pub mod prompt;
+pub mod protocol;
 pub mod special_tokens;
 
 pub use batch::{Batch, IGNORE_INDEX};

@@ -32,6 +32,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path().join("bench-58m");
     write_model(&dir)?;
+    if args.scaling {
+        return crate::bench_scaling::run(&dir, args.steps, args.warmup.max(1));
+    }
     eprintln!(
         "random 58M model written to {}; {} timed steps after {} warm-up",
         dir.display(),

@@ -30,7 +30,14 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Fold a LoRA adapter into its base model and write a complete model folder.
     Merge(MergeArgs),
-    /// Training speed and peak memory on the 58M benchmark model, beside PyTorch + PEFT.
+    /// Create (or read) the coordinator's certificate in DIR and print its fingerprint, for
+    /// `--tls-dir DIR` and workers' `--fingerprint` (Kubernetes secrets, Slurm scripts).
+    Keygen {
+        /// Folder for `cert.der` and `key.der`.
+        dir: PathBuf,
+    },
+    /// Training speed and peak memory on the 58M benchmark model, beside PyTorch + PEFT
+    /// (`--scaling`: data-parallel scaling over CPU workers).
     Bench(BenchArgs),
 }
 
@@ -43,6 +50,10 @@ pub struct BenchArgs {
     /// Untimed warm-up steps.
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
+    /// Data-parallel scaling instead: step time split into compute and communication for
+    /// 1, 2 and 4 CPU worker processes on the demo and the 58M model.
+    #[arg(long)]
+    pub scaling: bool,
     /// Run one configuration in this process (used by the benchmark itself).
     #[arg(long, hide = true)]
     pub only: Option<String>,

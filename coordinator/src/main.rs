@@ -1,11 +1,14 @@
 //! `coordinator`: the lorafleet command line (train, eval, generate, merge).
 
 mod bench_cmd;
+mod bench_scaling;
 mod cli;
+mod cluster;
 mod eval_cmd;
 mod generate_cmd;
 mod merge_cmd;
 mod runtime;
+mod schedule;
 mod train;
 mod train_args;
 
@@ -43,5 +46,9 @@ fn run(cli: cli::Cli) -> anyhow::Result<()> {
         Some(cli::Command::Generate(args)) => generate_cmd::run(args),
         Some(cli::Command::Merge(args)) => merge_cmd::run(args),
         Some(cli::Command::Bench(args)) => bench_cmd::run(args),
+        Some(cli::Command::Keygen { dir }) => {
+            println!("{}", cluster::tls::load_or_create(&dir)?.fingerprint);
+            Ok(())
+        }
     }
 }

@@ -2,7 +2,6 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
-use lorafleet_worker::model::Quantization;
 use lorafleet_worker::Llama;
 use std::path::Path;
 
@@ -20,36 +19,12 @@ pub fn init_logging(verbose: u8) {
 
 /// `cpu`, `cuda` or `cuda:N`.
 pub fn device(spec: &str) -> Result<Device> {
-    match spec {
-        "cpu" => Ok(Device::Cpu),
-        s if s == "cuda" || s.starts_with("cuda:") => {
-            let ordinal = match s.strip_prefix("cuda:") {
-                Some(n) => n.parse().with_context(|| format!("--device {s}: expected cuda:N"))?,
-                None => 0,
-            };
-            if !cfg!(feature = "cuda") {
-                bail!("--device {s}: this build has no CUDA support (build with --features cuda)");
-            }
-            Device::new_cuda(ordinal).with_context(|| format!("--device {s}"))
-        }
-        other => bail!("--device {other}: expected cpu, cuda or cuda:N"),
-    }
-}
-
-/// The dtype the base weights are computed in: f32 on CPU (candle's CPU matmul has no fast
-/// half-precision path), bf16 on GPUs.
-pub fn compute_dtype(device: &Device) -> DType {
-    if device.is_cpu() {
-        DType::F32
-    } else {
-        DType::BF16
-    }
+    Ok(lorafleet_worker::device::parse(spec)?)
 }
 
 /// Loads a base model on `device` in its compute dtype, int8 when asked.
 pub fn load_model(dir: &Path, device: &Device, load_in_8bit: bool, group: Option<usize>) -> Result<Llama> {
-    let quantization = if load_in_8bit { Quantization::Int8 { group } } else { Quantization::None };
-    Ok(Llama::load_quantized(dir, compute_dtype(device), device, quantization)?)
+    Ok(lorafleet_worker::device::load_model(dir, device, load_in_8bit, group)?)
 }
 
 /// `f32`, `f16`, `bf16` (and transformers' long names).

@@ -36,6 +36,8 @@ macro_rules! train_flags {
             /// Print the effective configuration as TOML and exit.
             #[arg(long = "print-config", alias = "print_config")]
             pub print_config: bool,
+            #[command(flatten)]
+            pub launch: crate::cluster::LaunchFlags,
             $(
                 $(#[$attr])*
                 #[arg(long = $long $(, visible_alias = $kebab)?)]
@@ -135,8 +137,11 @@ train_flags! {
     logging_steps: usize = "logging_steps" | "logging-steps", plain;
     /// Seed.
     seed: u64 = "seed", plain;
-    /// Data-parallel workers.
+    /// Data-parallel workers (local worker processes, or remote ones with --listen).
     workers: usize = "workers", plain;
+    /// Also write the merged model to OUTPUT_DIR/merged once the replicas agree.
+    #[arg(num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    merge: bool = "merge", plain;
     /// Exact-match accuracy on the eval data before and after training.
     #[arg(num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
     eval_exact_match: bool = "eval_exact_match" | "eval-exact-match", plain;

@@ -98,13 +98,17 @@ impl AdamW {
 
     /// Writes the state to a safetensors file (atomically), with the step in its metadata.
     pub fn save(&self, names: &[String], path: &Path) -> Result<()> {
+        lorafleet_common::atomic::write_file(path, &self.to_bytes(names)?)?;
+        Ok(())
+    }
+
+    /// The state as the bytes of the safetensors file [`AdamW::save`] writes.
+    pub fn to_bytes(&self, names: &[String]) -> Result<Vec<u8>> {
         let (tensors, step) = self.state_tensors(names);
         let meta = HashMap::from([("step".to_owned(), step.to_string()), ("format".to_owned(), "pt".to_owned())]);
         let mut sorted: Vec<(&String, &Tensor)> = tensors.iter().collect();
         sorted.sort_by(|a, b| a.0.cmp(b.0));
-        let bytes = safetensors::serialize(sorted, Some(meta)).map_err(|e| Error::weights(path, e.to_string()))?;
-        lorafleet_common::atomic::write_file(path, &bytes)?;
-        Ok(())
+        safetensors::serialize(sorted, Some(meta)).map_err(|e| Error::Invalid(format!("optimizer state: {e}")))
     }
 
     /// Restores state written by [`AdamW::save`] for parameters named `names`.

@@ -52,6 +52,34 @@ pub fn load_adapter(dir: &Path, model: &ModelConfig, device: &Device) -> Result<
     Ok(adapter)
 }
 
+/// The adapter's tensors under their PEFT keys, as the bytes of `adapter_model.safetensors`.
+pub fn adapter_bytes(adapter: &LoraAdapter) -> Result<Vec<u8>> {
+    let tensors: Vec<(String, Tensor)> =
+        adapter.named_vars().iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+    let meta = HashMap::from([("format".to_owned(), "pt".to_owned())]);
+    safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), Some(meta))
+        .map_err(|e| Error::Invalid(format!("adapter: {e}")))
+}
+
+/// Rebuilds an adapter from [`adapter_bytes`] (as a worker sent them) for `config`.
+pub fn adapter_from_bytes(
+    bytes: &[u8],
+    config: LoraConfig,
+    model: &ModelConfig,
+    device: &Device,
+) -> Result<LoraAdapter> {
+    let mut tensors =
+        candle_core::safetensors::load_buffer(bytes, device).map_err(|e| Error::Invalid(format!("adapter: {e}")))?;
+    LoraAdapter::from_tensors(config, model, |l, m, which, shape| {
+        let key = tensor_key(l, LINEAR_MODULES[m], which);
+        let t = tensors.remove(&key).ok_or_else(|| Error::Invalid(format!("adapter: tensor {key} is missing")))?;
+        if t.dims() != [shape.0, shape.1] {
+            return Err(Error::Invalid(format!("adapter: tensor {key} has shape {:?}", t.dims())));
+        }
+        Ok(t)
+    })
+}
+
 /// Writes `adapter` as a PEFT folder at `dir`, atomically: both files appear together or
 /// neither does. Refuses an adapter whose tensors do not match its configuration.
 pub fn save_adapter(adapter: &LoraAdapter, model: &ModelConfig, dir: &Path) -> Result<()> {
@@ -65,10 +93,7 @@ pub fn save_adapter(adapter: &LoraAdapter, model: &ModelConfig, dir: &Path) -> R
             format!("refusing to write {} tensors where the config targets {expected}", vars.len()),
         ));
     }
-    let tensors: Vec<(String, Tensor)> = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
-    let meta = HashMap::from([("format".to_owned(), "pt".to_owned())]);
-    let bytes = safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), Some(meta))
-        .map_err(|e| Error::weights(dir.join(WEIGHTS_FILE), e.to_string()))?;
+    let bytes = adapter_bytes(adapter)?;
     let staged = StagedDir::new(dir)?;
     let write = |name: &str, data: &[u8]| {
         let p = staged.path().join(name);

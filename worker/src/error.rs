@@ -37,6 +37,9 @@ pub enum Error {
     /// A request that does not fit the model (too long, wrong token ids, ...).
     #[error("{0}")]
     Invalid(String),
+    /// A collective or the connection to the coordinator failed.
+    #[error("{0}")]
+    Collective(String),
     /// A tensor operation failed; this is a bug or an out-of-memory condition.
     #[error("tensor operation failed: {}", first_line(.0))]
     Candle(#[from] candle_core::Error),

@@ -39,9 +39,18 @@ pub fn eval_loss(
     pad_id: u32,
     batch_rows: usize,
 ) -> Result<LossSum> {
+    let batches = examples.chunks(batch_rows.max(1)).map(|chunk| Batch::from_examples(chunk, pad_id));
+    eval_batches(model, adapter, batches)
+}
+
+/// Loss over ready-made batches, without dropout.
+pub fn eval_batches(
+    model: &Llama,
+    adapter: Option<&LoraAdapter>,
+    batches: impl IntoIterator<Item = Batch>,
+) -> Result<LossSum> {
     let mut total = LossSum::default();
-    for chunk in examples.chunks(batch_rows.max(1)) {
-        let batch = Batch::from_examples(chunk, pad_id);
+    for batch in batches {
         let (loss, tokens) = loss_sum(model, adapter, &batch, &Dropout::Off)?;
         total.loss_sum += f64::from(loss.to_scalar::<f32>()?);
         total.tokens += tokens as u64;
@@ -59,6 +68,18 @@ pub fn exact_match(
     pairs: &[(String, String)],
     max_new_tokens: usize,
 ) -> Result<f64> {
+    let hits = exact_match_count(model, adapter, tokenizer, pairs, max_new_tokens)?;
+    Ok(hits as f64 / pairs.len().max(1) as f64)
+}
+
+/// How many of `pairs` [`exact_match`] counts as right.
+pub fn exact_match_count(
+    model: &Llama,
+    adapter: Option<&LoraAdapter>,
+    tokenizer: &Tokenizer,
+    pairs: &[(String, String)],
+    max_new_tokens: usize,
+) -> Result<usize> {
     let sampling = Sampling { max_new_tokens, ..Sampling::default() };
     let mut hits = 0usize;
     for (prompt, expected) in pairs {
@@ -66,5 +87,5 @@ pub fn exact_match(
         let out = generate(model, adapter, &ids, &tokenizer.eos_ids, &sampling)?;
         hits += usize::from(tokenizer.decode(&out.ids)?.trim() == expected.trim());
     }
-    Ok(hits as f64 / pairs.len().max(1) as f64)
+    Ok(hits)
 }

@@ -14,13 +14,15 @@ use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use lorafleet_common::Batch;
 
-/// The loss sum, target tokens and LoRA gradient sums of one micro-batch.
+/// The loss sum, target tokens and LoRA gradient sums of one micro-batch, and the seconds
+/// its forward pass took (the rest is backward and recomputation).
 pub fn backward(
     model: &Llama,
     adapter: &LoraAdapter,
     batch: &Batch,
     dropout: &Dropout,
-) -> Result<(f64, usize, GradStore)> {
+) -> Result<(f64, usize, GradStore, f64)> {
+    let start = std::time::Instant::now();
     let ids = Tensor::from_slice(&batch.input_ids, (batch.rows, batch.seq_len), model.device())?;
     let ctx = model.context(batch.rows, batch.seq_len, Some(&batch.attention_mask), Some(adapter), dropout)?;
     let mut inputs = Vec::with_capacity(model.num_blocks());
@@ -32,9 +34,10 @@ pub fn backward(
     let top = Var::from_tensor(&x)?;
     let (loss, tokens) = head_loss(model, &model.final_norm(top.as_tensor())?, batch)?;
     let value = f64::from(loss.to_scalar::<f32>()?);
+    let forward_seconds = start.elapsed().as_secs_f64();
     let mut store = GradStore::default();
     if tokens == 0 {
-        return Ok((value, 0, store));
+        return Ok((value, 0, store, forward_seconds));
     }
     let lost = || Error::Invalid("gradient checkpointing: the gradient did not reach a block input".into());
     let mut g = loss.backward()?.get(top.as_tensor()).cloned().ok_or_else(lost)?;
@@ -59,5 +62,5 @@ pub fn backward(
         }
         inputs.truncate(i);
     }
-    Ok((value, tokens, store))
+    Ok((value, tokens, store, forward_seconds))
 }

@@ -9,16 +9,20 @@ use crate::error::Result;
 use crate::lora::LoraAdapter;
 use crate::model::Llama;
 use crate::train::{apply, StepAccumulator, StepStats};
+use lorafleet_common::protocol::Hash;
 use lorafleet_common::Batch;
+use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use std::time::Instant;
 
 /// Where a replica's step time went.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct StepTimings {
-    /// Forward and backward of every micro-batch.
-    pub compute_seconds: f64,
-    /// All-reduce of gradients and statistics.
+    /// Forward passes of every micro-batch.
+    pub forward_seconds: f64,
+    /// Backward passes (and recomputation) of every micro-batch.
+    pub backward_seconds: f64,
+    /// All-reduce of gradients and statistics, waiting for the slowest rank included.
     pub reduce_seconds: f64,
     /// Clipping and the AdamW update.
     pub optimizer_seconds: f64,
@@ -77,21 +81,53 @@ impl Replica {
         lr: f64,
         max_grad_norm: f64,
     ) -> Result<(StepStats, StepTimings)> {
-        let start = Instant::now();
         let mut acc = StepAccumulator::new(&self.adapter);
         for batch in micro_batches.iter().filter(|b| b.rows > 0) {
             let dropout = Dropout::On { seed: self.seed, step, example_ids: batch.example_ids.clone() };
             acc.micro_batch(&self.model, &self.adapter, batch, &dropout, self.checkpointing)?;
         }
         let computed = Instant::now();
+        let (forward_seconds, backward_seconds) = (acc.forward_seconds, acc.backward_seconds);
         let (grads, stats) = acc.reduce(&self.adapter, self.collective.as_mut(), step)?;
         let reduced = Instant::now();
         apply(&self.adapter, &mut self.optimizer, grads, &stats, lr, max_grad_norm)?;
         let timings = StepTimings {
-            compute_seconds: (computed - start).as_secs_f64(),
+            forward_seconds,
+            backward_seconds,
             reduce_seconds: (reduced - computed).as_secs_f64(),
             optimizer_seconds: reduced.elapsed().as_secs_f64(),
         };
         Ok((stats, timings))
+    }
+
+    /// The names of the trainable parameters, in bucket order.
+    fn names(&self) -> Vec<String> {
+        self.adapter.named_vars().into_iter().map(|(n, _)| n).collect()
+    }
+
+    /// SHA-256 over the LoRA weights and the optimizer state (moments and step count), bit
+    /// for bit: replicas that agree on it will produce the same adapter from here on.
+    pub fn digest(&self) -> Result<Hash> {
+        let mut h = Sha256::new();
+        let (state, step) = self.optimizer.state_tensors(&self.names());
+        h.update(step.to_le_bytes());
+        for (name, var) in self.adapter.named_vars() {
+            for (key, t) in [
+                (name.clone(), var.as_tensor()),
+                (format!("exp_avg.{name}"), &state[&format!("exp_avg.{name}")]),
+                (format!("exp_avg_sq.{name}"), &state[&format!("exp_avg_sq.{name}")]),
+            ] {
+                h.update(key.as_bytes());
+                for v in t.flatten_all()?.to_vec1::<f32>()? {
+                    h.update(v.to_le_bytes());
+                }
+            }
+        }
+        Ok(h.finalize().into())
+    }
+
+    /// The adapter and the optimizer state as safetensors files, for the coordinator to write.
+    pub fn state_bytes(&self) -> Result<(Vec<u8>, Vec<u8>)> {
+        Ok((crate::adapter_io::adapter_bytes(&self.adapter)?, self.optimizer.to_bytes(&self.names())?))
     }
 }

@@ -46,6 +46,10 @@ pub struct StepAccumulator {
     grads: Vec<Option<Tensor>>,
     loss_sum: f64,
     tokens: f64,
+    /// Seconds in forward passes so far.
+    pub forward_seconds: f64,
+    /// Seconds in backward passes (and recomputation) so far.
+    pub backward_seconds: f64,
 }
 
 /// What a finished step reports.
@@ -62,7 +66,13 @@ pub struct StepStats {
 impl StepAccumulator {
     /// An empty accumulator for `adapter`'s parameters.
     pub fn new(adapter: &LoraAdapter) -> Self {
-        Self { grads: adapter.named_vars().iter().map(|_| None).collect(), loss_sum: 0.0, tokens: 0.0 }
+        Self {
+            grads: adapter.named_vars().iter().map(|_| None).collect(),
+            loss_sum: 0.0,
+            tokens: 0.0,
+            forward_seconds: 0.0,
+            backward_seconds: 0.0,
+        }
     }
 
     /// Runs forward and backward on one micro-batch and adds its gradient sums; with
@@ -76,13 +86,18 @@ impl StepAccumulator {
         dropout: &Dropout,
         checkpointing: bool,
     ) -> Result<(f64, usize)> {
-        let (value, tokens, grads) = if checkpointing {
+        let start = std::time::Instant::now();
+        let (value, tokens, grads, forward) = if checkpointing {
             crate::recompute::backward(model, adapter, batch, dropout)?
         } else {
             let (loss, tokens) = loss_sum(model, Some(adapter), batch, dropout)?;
+            let value = f64::from(loss.to_scalar::<f32>()?);
+            let forward = start.elapsed().as_secs_f64();
             let grads = if tokens > 0 { loss.backward()? } else { GradStore::default() };
-            (f64::from(loss.to_scalar::<f32>()?), tokens, grads)
+            (value, tokens, grads, forward)
         };
+        self.forward_seconds += forward;
+        self.backward_seconds += start.elapsed().as_secs_f64() - forward;
         for (slot, (_, var)) in self.grads.iter_mut().zip(adapter.named_vars()) {
             if let Some(g) = grads.get(var.as_tensor()) {
                 *slot = Some(match slot.take() {

@@ -3,13 +3,21 @@
 
 use anyhow::{Context, Result};
 use lorafleet_common::config::TrainConfig;
-use lorafleet_worker::replica::Replica;
+use lorafleet_common::ModelConfig;
+use lorafleet_worker::LoraAdapter;
 
-pub fn save(config: &TrainConfig, replica: &Replica, step: usize, epoch: u64) -> Result<()> {
+/// Writes `checkpoint-STEP` from the state a replica sent (adapter and optimizer bytes).
+pub fn save(
+    config: &TrainConfig,
+    model: &ModelConfig,
+    adapter: &LoraAdapter,
+    optimizer: &[u8],
+    step: u64,
+    epoch: u64,
+) -> Result<()> {
     let dir = config.output_dir.join(format!("checkpoint-{step}"));
-    lorafleet_worker::adapter_io::save_adapter(replica.adapter(), replica.model().config(), &dir)?;
-    let names: Vec<String> = replica.adapter().named_vars().into_iter().map(|(n, _)| n).collect();
-    replica.optimizer().save(&names, &dir.join("optimizer.safetensors"))?;
+    lorafleet_worker::adapter_io::save_adapter(adapter, model, &dir)?;
+    lorafleet_common::atomic::write_file(&dir.join("optimizer.safetensors"), optimizer)?;
     let state = serde_json::json!({ "global_step": step, "epoch": epoch, "config": config });
     lorafleet_common::atomic::write_file(
         &dir.join("trainer_state.json"),

@@ -1,35 +1,34 @@
-//! `coordinator [train]`: the single-process training run (one worker, in this process).
+//! `coordinator [train]`: plan the run, then drive it with one in-process replica
+//! (`--workers 1`) or with worker processes over QUIC (`--workers N`, `--listen`).
 //!
-//! The coordinator owns the plan (data order, batches, learning rate, when to evaluate and
-//! save); the `Replica` owns the maths. The distributed runtime will put replicas in worker
-//! processes behind the same `Replica::step` call.
+//! The coordinator owns the plan (data order, batches, learning rate, when to evaluate,
+//! verify and save: `crate::schedule`); replicas own the maths. Both runners feed the same
+//! schedule and write through the same `Sink`.
 
 mod checkpoint;
-mod lr;
+pub mod local;
 mod plot;
 mod report;
+pub mod sink;
+pub mod wire;
 
-use crate::runtime;
+use crate::schedule::{Plan, Schedule};
 use crate::train_args::TrainFlags;
 use anyhow::{bail, Context, Result};
 use lorafleet_common::config::TrainConfig;
-use lorafleet_common::data::schedule::{epoch_order, split_validation, spread, steps_per_epoch};
+use lorafleet_common::data::schedule::{split_validation, steps_per_epoch};
 use lorafleet_common::data::{read_records, tokenize_records, Example, Template, TokenizeOptions};
-use lorafleet_common::Batch;
-use lorafleet_worker::adamw::AdamWConfig;
-use lorafleet_worker::collective::SingleRank;
-use lorafleet_worker::eval::{eval_loss, exact_match};
-use lorafleet_worker::replica::Replica;
-use lorafleet_worker::{Llama, LoraAdapter, Tokenizer};
-use report::Reporter;
-use serde_json::json;
+use lorafleet_common::ModelConfig;
+use lorafleet_worker::Tokenizer;
+use sink::Sink;
 use std::path::Path;
-use std::sync::Arc;
-use std::time::Instant;
+use std::time::Duration;
+use wire::Wire;
 
-/// Everything loaded before the first step.
-struct Prepared {
-    model: Arc<Llama>,
+/// Everything loaded before the first step: the coordinator reads the model's configuration
+/// and tokenizer, never its weights.
+pub struct Prepared {
+    model: ModelConfig,
     tokenizer: Tokenizer,
     train: Vec<Example>,
     eval: Vec<Example>,
@@ -43,25 +42,80 @@ pub fn run(flags: TrainFlags) -> Result<()> {
         return Ok(());
     }
     config.validate(&origin)?;
-    if config.workers != 1 {
-        bail!(
-            "--workers {}: this build trains with one in-process worker; data-parallel workers are not available yet",
-            config.workers
-        );
-    }
     if flags.demo || !flags.any_setting() {
         eprintln!("no settings given: training the embedded demo ({})", origin.display());
     }
     let prepared = prepare(&config)?;
     std::fs::create_dir_all(&config.output_dir).with_context(|| format!("creating {}", config.output_dir.display()))?;
-    train(&config, prepared)
+    let distributed = config.workers > 1 || flags.launch.listen.is_some();
+    let per_epoch = steps_per_epoch(prepared.train.len(), config.batch_size) as u64;
+    let total = config.max_steps.map_or(per_epoch * config.num_epochs as u64, |m| m as u64);
+    let expected = if distributed {
+        Some((
+            lorafleet_worker::identity::model_digest(&config.base_model)?,
+            lorafleet_worker::identity::tokenizer_digest(&config.base_model)?,
+        ))
+    } else {
+        None
+    };
+    let plan = Plan {
+        world: config.workers,
+        total_steps: total,
+        steps_per_epoch: per_epoch,
+        batch_size: config.batch_size,
+        micro_batch_size: config.micro_batch_size,
+        seed: config.seed,
+        group_by_length: config.group_by_length,
+        train_lengths: prepared.train.iter().map(|e| e.input_ids.len()).collect(),
+        eval_examples: prepared.eval.len(),
+        exact_pairs: prepared.exact_pairs.len(),
+        eval_steps: config.eval_steps as u64,
+        save_steps: config.save_steps as u64,
+        lr: (config.lr_scheduler.clone(), config.learning_rate, config.warmup_steps),
+        expected,
+        heartbeat_timeout: Duration::from_secs(flags.launch.heartbeat_timeout),
+    };
+    eprintln!(
+        "training LoRA on {} examples: {total} steps ({per_epoch} per epoch), batch {} = {} worker(s) x {} x {} micro-batches",
+        prepared.train.len(),
+        config.batch_size,
+        config.workers,
+        config.gradient_accumulation_steps(),
+        config.micro_batch_size
+    );
+    let wire = Wire {
+        run_id: flags
+            .launch
+            .run_id
+            .clone()
+            .unwrap_or_else(|| lorafleet_common::protocol::hex(&rand::random::<[u8; 6]>())),
+        config_toml: config.to_toml(),
+        pad: prepared.tokenizer.pad_id,
+        train: prepared.train,
+        eval: prepared.eval,
+        pairs: prepared.exact_pairs,
+        micro: config.micro_batch_size,
+        max_new_tokens: config.eval_max_new_tokens as u32,
+        ring_key: rand::random(),
+    };
+    let mut sink = Sink::new(&config, prepared.model, total)?;
+    let schedule = Schedule::new(plan);
+    if distributed {
+        crate::cluster::run(&config, &flags.launch, schedule, &wire, &mut sink)?;
+    } else {
+        local::run(&config, schedule, &wire, &mut sink)?;
+    }
+    let o = sink.outcome();
+    summary(&config.output_dir, o.steps, o.train_seconds, o.tokens, o.eval_loss, o.exact.0, o.exact.1);
+    for (rank, (name, bytes)) in &o.peak_rss {
+        println!("worker {name} (rank {rank}): peak resident memory {:.0} MiB", *bytes as f64 / (1 << 20) as f64);
+    }
+    Ok(())
 }
 
 fn prepare(config: &TrainConfig) -> Result<Prepared> {
-    let device = runtime::device(&config.device)?;
-    let model =
-        Arc::new(runtime::load_model(&config.base_model, &device, config.load_in_8bit, config.int8_group_size)?);
-    let tokenizer = Tokenizer::from_dir(&config.base_model, model.config())?;
+    let model = ModelConfig::from_dir(&config.base_model)?;
+    let tokenizer = Tokenizer::from_dir(&config.base_model, &model)?;
     let template = Template::by_name(&config.prompt_template_name)?;
     let options = TokenizeOptions { cutoff_len: config.cutoff_len, train_on_inputs: config.train_on_inputs };
     let records = read_records(&config.data_path)?;
@@ -96,111 +150,9 @@ fn prepare(config: &TrainConfig) -> Result<Prepared> {
     Ok(Prepared { model, tokenizer, train, eval, exact_pairs })
 }
 
-fn train(config: &TrainConfig, p: Prepared) -> Result<()> {
-    let model = p.model.clone();
-    let device = model.device().clone();
-    let pad = p.tokenizer.pad_id;
-    let out = &config.output_dir;
-    let per_epoch = steps_per_epoch(p.train.len(), config.batch_size);
-    let total = config.max_steps.unwrap_or(per_epoch * config.num_epochs);
-    let adapter = LoraAdapter::init(config.lora(), model.config(), config.seed, &device)?;
-    eprintln!(
-        "training {} LoRA parameters on {} examples: {total} steps ({per_epoch} per epoch), batch {} = {} x {} micro-batches",
-        adapter.num_parameters(),
-        p.train.len(),
-        config.batch_size,
-        config.gradient_accumulation_steps(),
-        config.micro_batch_size
-    );
-    let mut reporter = Reporter::new(out, total as u64)?;
-    let before = if p.exact_pairs.is_empty() {
-        None
-    } else {
-        let acc = exact_match(&model, None, &p.tokenizer, &p.exact_pairs, config.eval_max_new_tokens)?;
-        reporter.say(&format!("exact match before training: {:.1}% of {}", 100.0 * acc, p.exact_pairs.len()));
-        reporter.record(
-            json!({"type": "exact_match", "stage": "before", "accuracy": acc, "examples": p.exact_pairs.len()}),
-        )?;
-        Some(acc)
-    };
-    let adam = AdamWConfig {
-        beta1: config.adam_beta1,
-        beta2: config.adam_beta2,
-        eps: config.adam_epsilon,
-        weight_decay: config.weight_decay,
-    };
-    let mut replica = Replica::new(model.clone(), adapter, adam, Box::new(SingleRank), config.seed)?;
-    replica.set_gradient_checkpointing(config.gradient_checkpointing);
-    let lengths: Vec<usize> = p.train.iter().map(|e| e.input_ids.len()).collect();
-    let all: Vec<usize> = (0..p.train.len()).collect();
-    let started = Instant::now();
-    let mut train_seconds = 0.0;
-    let mut tokens_seen = 0u64;
-    let mut block = (0.0, 0usize);
-    let mut last_eval = None;
-    let mut step = 0usize;
-    'epochs: for epoch in 0.. {
-        let order = epoch_order(&all, &lengths, config.seed, epoch, config.group_by_length, config.batch_size);
-        for global in order.chunks(config.batch_size) {
-            if step >= total {
-                break 'epochs;
-            }
-            let t0 = Instant::now();
-            let plan = spread(global, 1, config.micro_batch_size);
-            let micro: Vec<Batch> =
-                plan[0].iter().map(|ids| Batch::from_examples(ids.iter().map(|&i| &p.train[i]), pad)).collect();
-            tokens_seen +=
-                micro.iter().map(|b| b.attention_mask.iter().map(|&m| u64::from(m)).sum::<u64>()).sum::<u64>();
-            let lr = lr::lr_at(&config.lr_scheduler, config.learning_rate, config.warmup_steps, total, step);
-            step += 1;
-            let (stats, _timings) = replica.step(&micro, step as u64, lr, config.max_grad_norm).map_err(|e| {
-                anyhow::anyhow!("training stopped at step {step}: {e}; no adapter was written for this step")
-            })?;
-            train_seconds += t0.elapsed().as_secs_f64();
-            let tps = tokens_seen as f64 / train_seconds.max(1e-9);
-            reporter.step(step as u64, stats.loss, lr, tps);
-            block = (block.0 + stats.loss, block.1 + 1);
-            if step.is_multiple_of(config.logging_steps) || step == total {
-                let epoch_f = step as f64 / per_epoch as f64;
-                reporter.log_train(json!({
-                    "step": step, "epoch": epoch_f, "loss": block.0 / block.1 as f64, "learning_rate": lr,
-                    "grad_norm": stats.grad_norm, "tokens": tokens_seen, "tokens_per_second": tps,
-                    "elapsed_seconds": started.elapsed().as_secs_f64(),
-                }))?;
-                block = (0.0, 0);
-            }
-            let due = |every: usize| every > 0 && step.is_multiple_of(every);
-            if !p.eval.is_empty() && (due(config.eval_steps) || step == total) {
-                let l = eval_loss(&model, Some(replica.adapter()), &p.eval, pad, config.micro_batch_size)?;
-                reporter.log_eval(step as u64, l.mean(), l.tokens)?;
-                last_eval = Some(l.mean());
-            }
-            if due(config.save_steps) && step < total {
-                checkpoint::save(config, &replica, step, epoch)?;
-                reporter.say(&format!("step {step}: checkpoint written"));
-            }
-        }
-    }
-    reporter.finish();
-    lorafleet_worker::adapter_io::save_adapter(replica.adapter(), model.config(), out)?;
-    plot::loss_curve(&out.join("loss.png"), &reporter.train_points, &reporter.eval_points)?;
-    let after = if p.exact_pairs.is_empty() {
-        None
-    } else {
-        let acc =
-            exact_match(&model, Some(replica.adapter()), &p.tokenizer, &p.exact_pairs, config.eval_max_new_tokens)?;
-        reporter.record(
-            json!({"type": "exact_match", "stage": "after", "accuracy": acc, "examples": p.exact_pairs.len()}),
-        )?;
-        Some(acc)
-    };
-    summary(out, step, train_seconds, tokens_seen, last_eval, before, after);
-    Ok(())
-}
-
 fn summary(
     out: &Path,
-    steps: usize,
+    steps: u64,
     seconds: f64,
     tokens: u64,
     eval: Option<f64>,

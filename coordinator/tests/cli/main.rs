@@ -2,6 +2,7 @@
 //! embedded demo.
 
 mod demo;
+mod distributed;
 mod eval;
 mod generate;
 mod train;

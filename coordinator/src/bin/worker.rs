@@ -1,0 +1,24 @@
+//! `worker`: one data-parallel replica, joining a coordinator (`worker --join ...`).
+//!
+//! The logic lives in `lorafleet_worker::node`; the binary ships from the coordinator's
+//! package so that one build gives both halves and the coordinator finds its workers beside
+//! itself.
+
+use clap::Parser;
+use std::process::ExitCode;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LORAFLEET_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    match lorafleet_worker::node::run(lorafleet_worker::node::Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("worker: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,329 @@
+//! The schedule driven by an in-memory cluster on a virtual clock: simulated workers answer
+//! commands after a simulated compute time and send heartbeats every second; time only
+//! moves when the simulation says so.
+
+use super::*;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+const IDENTITY: (Hash, Hash) = ([1; 32], [2; 32]);
+
+fn plan(world: usize) -> Plan {
+    Plan {
+        world,
+        total_steps: 5,
+        steps_per_epoch: 3,
+        batch_size: 4,
+        micro_batch_size: 1,
+        seed: 7,
+        group_by_length: false,
+        train_lengths: vec![10; 10],
+        eval_examples: 5,
+        exact_pairs: 3,
+        eval_steps: 2,
+        save_steps: 2,
+        lr: ("linear".into(), 1e-3, 1),
+        expected: Some(IDENTITY),
+        heartbeat_timeout: Duration::from_secs(30),
+    }
+}
+
+/// How a simulated worker behaves.
+#[derive(Clone, Default)]
+struct Behaviour {
+    /// Stops answering and heartbeating at this virtual second.
+    silent_after: Option<u64>,
+    /// Loads another model.
+    other_model: bool,
+    /// Reports another digest.
+    diverges: bool,
+    /// Sends a `Ready` in the middle of training.
+    rogue: bool,
+}
+
+struct Sim {
+    schedule: Schedule,
+    start: Instant,
+    now: Instant,
+    queue: BinaryHeap<Reverse<(Duration, u64, u64)>>,
+    pending: Vec<Option<Event>>,
+    behaviours: Vec<Behaviour>,
+    log: Vec<Action>,
+    sent: Vec<(WorkerId, Command)>,
+}
+
+impl Sim {
+    fn new(plan: Plan) -> Self {
+        let start = Instant::now();
+        Self {
+            schedule: Schedule::new(plan),
+            start,
+            now: start,
+            queue: BinaryHeap::new(),
+            pending: Vec::new(),
+            behaviours: Vec::new(),
+            log: Vec::new(),
+            sent: Vec::new(),
+        }
+    }
+
+    fn at(&mut self, after: Duration, event: Event) {
+        let when = self.now - self.start + after;
+        self.pending.push(Some(event));
+        let seq = self.pending.len() as u64 - 1;
+        self.queue.push(Reverse((when, seq, seq)));
+    }
+
+    fn join(&mut self, after: Duration, b: Behaviour) -> WorkerId {
+        let id = self.behaviours.len() as WorkerId;
+        self.behaviours.push(b);
+        self.at(after, Event::Joined { id, name: format!("w{id}") });
+        for s in 1..200 {
+            self.at(
+                after + Duration::from_secs(s),
+                Event::Message { id, msg: ToCoordinator::Heartbeat(Resources::default()) },
+            );
+        }
+        id
+    }
+
+    fn silent(&self, id: WorkerId, at: Duration) -> bool {
+        self.behaviours[id as usize].silent_after.is_some_and(|s| at >= Duration::from_secs(s))
+    }
+
+    /// The simulated worker's answer to a command, 100 ms (or 2 s for steps) later.
+    fn answer(&mut self, id: WorkerId, cmd: &Command) {
+        let b = self.behaviours[id as usize].clone();
+        let (delay, msg) = match cmd {
+            Command::Welcome { .. } => {
+                let model = if b.other_model { [9; 32] } else { IDENTITY.0 };
+                let identity = Identity {
+                    model,
+                    tokenizer: IDENTITY.1,
+                    device: "cpu".into(),
+                    ring_addr: format!("127.0.0.1:{}", 9000 + id),
+                    nccl_id: None,
+                };
+                (100, ToCoordinator::Identity(identity))
+            }
+            Command::Peers { .. } => (100, ToCoordinator::Ready),
+            Command::Step { step, micro_batches, .. } => {
+                if b.rogue && *step == 2 {
+                    self.at(Duration::from_millis(10), Event::Message { id, msg: ToCoordinator::Ready });
+                }
+                let report = StepReport {
+                    step: *step,
+                    loss: 1.0 / *step as f64,
+                    tokens: 40,
+                    grad_norm: 0.5,
+                    local_tokens: micro_batches.iter().flatten().count() as u64 * 10,
+                    local_samples: micro_batches.iter().flatten().count() as u64,
+                    seconds: Default::default(),
+                };
+                (2000, ToCoordinator::StepDone(report))
+            }
+            Command::Eval(r) => (100, ToCoordinator::EvalDone { loss_sum: r.len() as f64, tokens: r.len() as u64 }),
+            Command::ExactMatch { pairs, with_adapter } => {
+                let correct = if *with_adapter { pairs.len() as u64 } else { 0 };
+                (100, ToCoordinator::ExactMatchDone { correct, total: pairs.len() as u64 })
+            }
+            Command::Verify(step) => {
+                let digest = if b.diverges { [id as u8 + 1; 32] } else { [0; 32] };
+                (100, ToCoordinator::Digest { step: *step, digest })
+            }
+            Command::Fetch => (100, ToCoordinator::State { adapter: vec![1, 2], optimizer: vec![3] }),
+            Command::Shutdown(_) => return,
+        };
+        let at = self.now - self.start + Duration::from_millis(delay);
+        if !self.silent(id, at) {
+            self.at(Duration::from_millis(delay), Event::Message { id, msg });
+        }
+    }
+
+    /// Runs until the schedule is over or nothing is left to happen.
+    fn run(&mut self) {
+        loop {
+            while let Some(action) = self.schedule.poll_action() {
+                if let Action::Send(id, cmd) = &action {
+                    let (id, cmd) = (*id, cmd.clone());
+                    self.answer(id, &cmd);
+                    self.sent.push((id, cmd));
+                }
+                self.log.push(action);
+            }
+            if self.schedule.is_over() {
+                return;
+            }
+            let next_event = self.queue.peek().map(|Reverse((t, _, _))| self.start + *t);
+            match (next_event, self.schedule.poll_timeout()) {
+                (Some(e), Some(t)) if t < e => {
+                    self.now = t;
+                    self.schedule.handle_timeout(t);
+                }
+                (Some(_), _) => {
+                    let Reverse((t, seq, _)) = self.queue.pop().expect("peeked");
+                    self.now = self.start + t;
+                    let event = self.pending[seq as usize].take().expect("each event once");
+                    let silenced = match &event {
+                        Event::Message { id, .. } => self.silent(*id, t),
+                        _ => false,
+                    };
+                    if !silenced {
+                        self.schedule.handle(event, self.now);
+                    }
+                }
+                (None, Some(t)) => {
+                    self.now = t;
+                    self.schedule.handle_timeout(t);
+                }
+                (None, None) => return,
+            }
+        }
+    }
+
+    fn abort_reason(&self) -> Option<&str> {
+        self.log.iter().find_map(|a| match a {
+            Action::Abort(r) => Some(r.as_str()),
+            _ => None,
+        })
+    }
+}
+
+#[test]
+fn a_full_run_steps_evaluates_verifies_and_saves_on_time() {
+    let mut sim = Sim::new(plan(2));
+    sim.join(Duration::ZERO, Behaviour::default());
+    sim.join(Duration::from_secs(3), Behaviour::default());
+    sim.run();
+    assert!(sim.abort_reason().is_none(), "{:?}", sim.abort_reason());
+    let steps: Vec<u64> = sim.log.iter().filter_map(|a| matches!(a, Action::Stepped { .. }).then_some(0)).collect();
+    assert_eq!(steps.len(), 5);
+    let evals: Vec<u64> = sim
+        .log
+        .iter()
+        .filter_map(|a| if let Action::Evaluated { step, .. } = a { Some(*step) } else { None })
+        .collect();
+    assert_eq!(evals, [2, 4, 5]);
+    let saves: Vec<u64> = sim
+        .log
+        .iter()
+        .filter_map(|a| if let Action::Checkpoint { step, .. } = a { Some(*step) } else { None })
+        .collect();
+    assert_eq!(saves, [2, 4]);
+    assert!(matches!(sim.log.last(), Some(Action::Done)));
+    assert!(sim.log.iter().any(|a| matches!(a, Action::Final { step: 5, .. })));
+    let scores: Vec<(Stage, u64, u64)> = sim
+        .log
+        .iter()
+        .filter_map(|a| {
+            if let Action::Scored { stage, correct, total } = a {
+                Some((*stage, *correct, *total))
+            } else {
+                None
+            }
+        })
+        .collect();
+    assert_eq!(scores, [(Stage::Before, 0, 3), (Stage::After, 3, 3)]);
+    // Eval shards cover the eval set once.
+    let evaluated: u64 =
+        sim.log.iter().map(|a| if let Action::Evaluated { tokens, .. } = a { *tokens } else { 0 }).sum();
+    assert_eq!(evaluated, 15);
+    // Every step sends both ranks the same number of micro-batches, and each epoch covers
+    // every example exactly once.
+    let mut epoch0 = Vec::new();
+    for (_, cmd) in &sim.sent {
+        if let Command::Step { step, micro_batches, .. } = cmd {
+            // Batch 4 over 2 ranks of micro 1; an epoch's last batch holds the 2 left over.
+            let expected = if step % 3 == 0 { 1 } else { 2 };
+            assert_eq!(micro_batches.len(), expected, "step {step}");
+            if *step <= 3 {
+                epoch0.extend(micro_batches.iter().flatten().copied());
+            }
+        }
+    }
+    epoch0.sort_unstable();
+    assert_eq!(epoch0, (0..10).collect::<Vec<_>>());
+    // Three steps of 2 s each, plus set-up: the virtual clock moved, no real time passed.
+    assert!(sim.now - sim.start > Duration::from_secs(10));
+}
+
+#[test]
+fn lr_and_data_order_follow_the_plan() {
+    let mut s = Schedule::new(plan(2));
+    let a = s.assignment(1);
+    let again = Schedule::new(plan(2)).assignment(1);
+    assert_eq!(a, again, "seeded");
+    // Step 4 is the first of epoch 1: a different permutation.
+    assert_ne!(s.assignment(4), a);
+    assert_eq!(s.lr(1), 0.0, "warm-up starts at 0 as transformers does");
+}
+
+#[test]
+fn a_worker_with_another_model_stops_the_run_before_step_one() {
+    let mut sim = Sim::new(plan(2));
+    sim.join(Duration::ZERO, Behaviour::default());
+    sim.join(Duration::ZERO, Behaviour { other_model: true, ..Default::default() });
+    sim.run();
+    let reason = sim.abort_reason().expect("aborted");
+    assert!(reason.contains("worker w1 (rank 1)") && reason.contains("base model"), "{reason}");
+    assert!(!sim.sent.iter().any(|(_, c)| matches!(c, Command::Step { .. })));
+}
+
+#[test]
+fn a_worker_that_goes_silent_mid_run_stops_it_after_the_timeout() {
+    let mut sim = Sim::new(plan(2));
+    sim.join(Duration::ZERO, Behaviour::default());
+    sim.join(Duration::ZERO, Behaviour { silent_after: Some(4), ..Default::default() });
+    sim.run();
+    let reason = sim.abort_reason().expect("aborted");
+    assert!(reason.contains("worker w1 sent nothing for 30 s") && reason.contains("rank 1"), "{reason}");
+    // Last heard at 3 s (heartbeat), aborted exactly 30 s later on the virtual clock.
+    assert_eq!(sim.now - sim.start, Duration::from_secs(33));
+    assert!(!sim.log.iter().any(|a| matches!(a, Action::Final { .. })));
+    assert!(sim.sent.iter().filter(|(_, c)| matches!(c, Command::Shutdown(_))).count() == 2);
+}
+
+#[test]
+fn a_worker_silent_before_the_start_is_replaced() {
+    let mut sim = Sim::new(plan(2));
+    sim.join(Duration::ZERO, Behaviour { silent_after: Some(0), ..Default::default() });
+    sim.join(Duration::from_secs(40), Behaviour::default());
+    sim.join(Duration::from_secs(41), Behaviour::default());
+    sim.run();
+    assert!(sim.abort_reason().is_none(), "{:?}", sim.abort_reason());
+    assert!(sim.log.iter().any(|a| matches!(a, Action::Drop(0, _))));
+    assert!(matches!(sim.log.last(), Some(Action::Done)));
+}
+
+#[test]
+fn diverged_replicas_stop_the_run_naming_the_ranks_and_nothing_is_written() {
+    let mut sim = Sim::new(plan(3));
+    sim.join(Duration::ZERO, Behaviour::default());
+    sim.join(Duration::ZERO, Behaviour::default());
+    sim.join(Duration::ZERO, Behaviour { diverges: true, ..Default::default() });
+    sim.run();
+    let reason = sim.abort_reason().expect("aborted");
+    assert!(reason.starts_with("replicas diverged at step 2") && reason.contains("rank 2 has"), "{reason}");
+    assert!(!reason.contains("rank 1 has"), "{reason}");
+    assert!(!sim.log.iter().any(|a| matches!(a, Action::Checkpoint { .. } | Action::Final { .. })));
+}
+
+#[test]
+fn messages_out_of_turn_and_extra_workers_are_refused() {
+    let mut sim = Sim::new(plan(2));
+    sim.join(Duration::ZERO, Behaviour::default());
+    sim.join(Duration::ZERO, Behaviour { rogue: true, ..Default::default() });
+    let extra = sim.join(Duration::from_secs(1), Behaviour::default());
+    sim.run();
+    assert!(sim.log.iter().any(|a| matches!(a, Action::Drop(id, r) if *id == extra && r.contains("full"))));
+    let reason = sim.abort_reason().expect("aborted");
+    assert!(reason.contains("worker w1 (rank 1) sent Ready out of turn"), "{reason}");
+}
+
+#[test]
+fn shards_cover_everything_once() {
+    for (n, world) in [(0, 2), (5, 2), (7, 3), (2, 4)] {
+        let all: Vec<usize> = (0..world).flat_map(|r| shard(n, world, r)).collect();
+        assert_eq!(all, (0..n).collect::<Vec<_>>());
+    }
+}

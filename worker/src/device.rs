@@ -1,0 +1,43 @@
+//! Where a replica computes: device names as users write them, and the dtype and loading
+//! that go with each device.
+
+use crate::error::{Error, Result};
+use crate::model::{Llama, Quantization};
+use candle_core::{DType, Device};
+use std::path::Path;
+
+/// `cpu`, `cuda` or `cuda:N`.
+pub fn parse(spec: &str) -> Result<Device> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let ordinal = match s.strip_prefix("cuda:") {
+                Some(n) => n.parse().map_err(|_| Error::Invalid(format!("--device {s}: expected cuda:N")))?,
+                None => 0,
+            };
+            if !cfg!(feature = "cuda") {
+                return Err(Error::Invalid(format!(
+                    "--device {s}: this build has no CUDA support (build with --features cuda)"
+                )));
+            }
+            Ok(Device::new_cuda(ordinal)?)
+        }
+        other => Err(Error::Invalid(format!("--device {other}: expected cpu, cuda or cuda:N"))),
+    }
+}
+
+/// The dtype the base weights are computed in: f32 on CPU (candle's CPU matmul has no fast
+/// half-precision path), bf16 on GPUs.
+pub fn compute_dtype(device: &Device) -> DType {
+    if device.is_cpu() {
+        DType::F32
+    } else {
+        DType::BF16
+    }
+}
+
+/// Loads a base model on `device` in its compute dtype, int8 when asked.
+pub fn load_model(dir: &Path, device: &Device, load_in_8bit: bool, group: Option<usize>) -> Result<Llama> {
+    let quantization = if load_in_8bit { Quantization::Int8 { group } } else { Quantization::None };
+    Llama::load_quantized(dir, compute_dtype(device), device, quantization)
+}

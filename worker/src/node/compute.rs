@@ -1,0 +1,122 @@
+//! The worker's compute thread: loads the model, forms the collective, then executes the
+//! coordinator's commands one at a time on its replica.
+
+use super::resources::{self, Shared};
+use crate::collective::Collective;
+use crate::error::{Error, Result};
+use crate::executor::Executor;
+use crate::identity::{model_digest, tokenizer_digest};
+use crate::ring::Ring;
+use crate::{device, Tokenizer};
+use candle_core::Device;
+use lorafleet_common::config::TrainConfig;
+use lorafleet_common::protocol::{Identity, ToCoordinator, ToWorker};
+use std::net::IpAddr;
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+use tokio::sync::mpsc::UnboundedSender;
+
+/// What the coordinator's welcome settled.
+pub(crate) struct Job {
+    pub config: TrainConfig,
+    pub rank: usize,
+    pub world: usize,
+    pub ring_ip: IpAddr,
+}
+
+/// Runs until the command channel closes; an error is reported to the coordinator (which
+/// stops the run) and returned.
+pub(crate) fn serve(
+    job: Job,
+    commands: Receiver<ToWorker>,
+    out: UnboundedSender<ToCoordinator>,
+    memory: Shared,
+) -> Result<(), String> {
+    serve_inner(job, &commands, &out, &memory).map_err(|e| {
+        let message = e.to_string();
+        let _ = out.send(ToCoordinator::Failed { message: message.clone() });
+        message
+    })
+}
+
+fn send(out: &UnboundedSender<ToCoordinator>, msg: ToCoordinator) -> Result<()> {
+    out.send(msg).map_err(|_| Error::Collective("the network side has stopped".into()))
+}
+
+fn serve_inner(
+    job: Job,
+    commands: &Receiver<ToWorker>,
+    out: &UnboundedSender<ToCoordinator>,
+    memory: &Shared,
+) -> Result<()> {
+    let config = &job.config;
+    let device = device::parse(&config.device)?;
+    let model = Arc::new(device::load_model(&config.base_model, &device, config.load_in_8bit, config.int8_group_size)?);
+    let tokenizer = Tokenizer::from_dir(&config.base_model, model.config())?;
+    let listener = Ring::listen(job.ring_ip)?;
+    let ring_addr = listener.local_addr().map_err(|e| Error::Collective(format!("ring listener: {e}")))?;
+    let identity = Identity {
+        model: model_digest(&config.base_model)?,
+        tokenizer: tokenizer_digest(&config.base_model)?,
+        device: config.device.clone(),
+        ring_addr: ring_addr.to_string(),
+        nccl_id: nccl_id(&device, job.rank)?,
+    };
+    send(out, ToCoordinator::Identity(identity))?;
+    let peers = match commands.recv() {
+        Ok(ToWorker::Peers(p)) => p,
+        Ok(other) => return Err(unexpected(&other)),
+        Err(_) => return Ok(()),
+    };
+    let collective = collective(&device, &job, listener, &peers)?;
+    let mut executor = Executor::new(config, model, tokenizer, collective)?;
+    note_memory(&device, memory);
+    send(out, ToCoordinator::Ready)?;
+    for cmd in commands {
+        let reply = executor.execute(cmd)?;
+        note_memory(&device, memory);
+        send(out, reply)?;
+    }
+    Ok(())
+}
+
+fn note_memory(device: &Device, memory: &Shared) {
+    if let Some((used, total)) = resources::device_memory(device) {
+        memory.set_device(used, total);
+    }
+}
+
+fn unexpected(msg: &ToWorker) -> Error {
+    crate::executor::unexpected(msg)
+}
+
+/// Rank 0 of a GPU group creates the NCCL id that the coordinator hands to everyone.
+#[cfg(feature = "nccl")]
+fn nccl_id(device: &Device, rank: usize) -> Result<Option<Vec<u8>>> {
+    if device.is_cuda() && rank == 0 {
+        Ok(Some(crate::nccl::new_id()?))
+    } else {
+        Ok(None)
+    }
+}
+
+#[cfg(not(feature = "nccl"))]
+fn nccl_id(_device: &Device, _rank: usize) -> Result<Option<Vec<u8>>> {
+    Ok(None)
+}
+
+/// NCCL between GPU workers when rank 0 offered an id, the TCP ring otherwise.
+fn collective(
+    device: &Device,
+    job: &Job,
+    listener: std::net::TcpListener,
+    peers: &lorafleet_common::protocol::Peers,
+) -> Result<Box<dyn Collective>> {
+    #[cfg(feature = "nccl")]
+    if let (true, Some(id)) = (device.is_cuda(), &peers.nccl_id) {
+        drop(listener);
+        return Ok(Box::new(crate::nccl::Nccl::connect(device, job.rank, job.world, id)?));
+    }
+    let _ = device;
+    Ok(Box::new(Ring::connect(listener, job.rank, job.world, &peers.ring, &peers.ring_key)?))
+}
