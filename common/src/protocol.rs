@@ -101,6 +101,8 @@ pub enum ToCoordinator {
     Failed {
         /// What happened.
         message: String,
+        /// The error is a NaN or infinite loss or gradient.
+        nonfinite: bool,
     },
 }
 

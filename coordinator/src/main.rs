@@ -7,6 +7,7 @@ mod cluster;
 mod eval_cmd;
 mod generate_cmd;
 mod merge_cmd;
+mod metrics;
 mod runtime;
 mod schedule;
 mod train;

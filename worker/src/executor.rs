@@ -44,7 +44,9 @@ impl Executor {
     pub fn execute(&mut self, cmd: ToWorker) -> Result<ToCoordinator> {
         Ok(match cmd {
             ToWorker::Step { step, lr, micro_batches } => {
+                let unpacked = std::time::Instant::now();
                 micro_batches.iter().try_for_each(check_batch)?;
+                let data = unpacked.elapsed().as_secs_f64();
                 let (stats, t) = self.replica.step(&micro_batches, step, lr, self.max_grad_norm)?;
                 ToCoordinator::StepDone(StepReport {
                     step,
@@ -54,7 +56,7 @@ impl Executor {
                     local_tokens: micro_batches.iter().map(Batch::real_tokens).sum(),
                     local_samples: micro_batches.iter().map(|b| b.rows as u64).sum(),
                     seconds: PhaseSeconds {
-                        data: 0.0,
+                        data,
                         forward: t.forward_seconds,
                         backward: t.backward_seconds,
                         allreduce: t.reduce_seconds,

@@ -44,6 +44,13 @@ pub struct LaunchFlags {
     /// The run's label in metrics and logs (default: random).
     #[arg(long)]
     pub run_id: Option<String>,
+    /// Serve Prometheus metrics on this address at /metrics (`0`: off).
+    #[arg(long, default_value = crate::metrics::DEFAULT_ADDR)]
+    pub metrics_addr: String,
+    /// Keep /metrics up this many seconds after the run ends, so a scraper sees the final
+    /// values.
+    #[arg(long, default_value_t = 0)]
+    pub metrics_linger: u64,
 }
 
 impl LaunchFlags {

@@ -155,6 +155,17 @@ pub enum Action {
         /// (rank, name, report) of every rank, in rank order.
         reports: Vec<(usize, String, StepReport)>,
     },
+    /// Who is in the run, in rank order (after every join or departure).
+    Roster(Vec<String>),
+    /// A worker was lost after the start (the run stops next).
+    WorkerLost {
+        /// Its rank.
+        rank: usize,
+        /// Its name.
+        name: String,
+    },
+    /// A rank met a NaN or infinite loss or gradient (the run stops next).
+    NonFinite,
     /// A worker's heartbeat.
     Heartbeat {
         /// Rank (None before the run starts).
@@ -275,7 +286,10 @@ impl Schedule {
                 let m = self.members.remove(r);
                 self.actions.push_back(Action::Say(format!("{why}; dropped, waiting for another")));
                 self.actions.push_back(Action::Drop(m.id, why));
+                self.roster();
             } else {
+                let name = m.name.clone();
+                self.actions.push_back(Action::WorkerLost { rank: r, name });
                 return self.abort(format!("{why} (rank {r}); the run cannot continue without it"));
             }
         }
@@ -293,8 +307,10 @@ impl Schedule {
                 if matches!(self.phase, Phase::Gathering) {
                     let m = self.members.remove(r);
                     self.actions.push_back(Action::Say(format!("worker {} left before the start: {reason}", m.name)));
+                    self.roster();
                 } else {
                     let name = self.members[r].name.clone();
+                    self.actions.push_back(Action::WorkerLost { rank: r, name: name.clone() });
                     self.abort(format!("lost worker {name} (rank {r}): {reason}"));
                 }
             }
@@ -321,6 +337,7 @@ impl Schedule {
             self.plan.world
         )));
         self.members.push(Member { id, name, last_heard: now });
+        self.roster();
         if self.members.len() == self.plan.world {
             let world = self.plan.world;
             for rank in 0..world {
@@ -328,6 +345,10 @@ impl Schedule {
             }
             self.phase = Phase::Identifying(vec![None; world]);
         }
+    }
+
+    fn roster(&mut self) {
+        self.actions.push_back(Action::Roster(self.members.iter().map(|m| m.name.clone()).collect()));
     }
 
     fn send(&mut self, rank: usize, cmd: Command) {
@@ -354,7 +375,12 @@ impl Schedule {
                 let rank = (!matches!(self.phase, Phase::Gathering)).then_some(r);
                 self.actions.push_back(Action::Heartbeat { rank, name, resources });
             }
-            (_, ToCoordinator::Failed { message }) => self.abort(format!("worker {name} (rank {r}) failed: {message}")),
+            (_, ToCoordinator::Failed { message, nonfinite }) => {
+                if nonfinite {
+                    self.actions.push_back(Action::NonFinite);
+                }
+                self.abort(format!("worker {name} (rank {r}) failed: {message}"))
+            }
             (Phase::Identifying(got), ToCoordinator::Identity(identity)) if got[r].is_none() => {
                 if let Some((model, tokenizer)) = self.plan.expected {
                     let what = if identity.model != model {

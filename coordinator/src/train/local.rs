@@ -50,10 +50,20 @@ pub fn run(config: &TrainConfig, mut schedule: Schedule, wire: &Wire, sink: &mut
                 if step.is_some() {
                     sink.step_sent(Instant::now());
                 }
-                executor.execute(wire.message(cmd)).map_err(|e| match step {
-                    Some(step) => anyhow::anyhow!("training stopped at step {step}: {e}; no adapter was written"),
-                    None => anyhow::anyhow!("{e}"),
-                })?
+                match executor.execute(wire.message(cmd)) {
+                    Ok(reply) => reply,
+                    Err(e) => {
+                        if matches!(e, lorafleet_worker::Error::NonFinite { .. }) {
+                            sink.handle(&Action::NonFinite);
+                        }
+                        return Err(match step {
+                            Some(step) => {
+                                anyhow::anyhow!("training stopped at step {step}: {e}; no adapter was written")
+                            }
+                            None => anyhow::anyhow!("{e}"),
+                        });
+                    }
+                }
             }
         };
         schedule.handle(Event::Message { id, msg: reply }, Instant::now());

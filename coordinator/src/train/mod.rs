@@ -12,6 +12,7 @@ mod report;
 pub mod sink;
 pub mod wire;
 
+use crate::metrics::Metrics;
 use crate::schedule::{Plan, Schedule};
 use crate::train_args::TrainFlags;
 use anyhow::{bail, Context, Result};
@@ -22,6 +23,7 @@ use lorafleet_common::ModelConfig;
 use lorafleet_worker::Tokenizer;
 use sink::Sink;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 use wire::Wire;
 
@@ -98,13 +100,23 @@ pub fn run(flags: TrainFlags) -> Result<()> {
         max_new_tokens: config.eval_max_new_tokens as u32,
         ring_key: rand::random(),
     };
-    let mut sink = Sink::new(&config, prepared.model, total)?;
-    let schedule = Schedule::new(plan);
-    if distributed {
-        crate::cluster::run(&config, &flags.launch, schedule, &wire, &mut sink)?;
-    } else {
-        local::run(&config, schedule, &wire, &mut sink)?;
+    let launch = &flags.launch;
+    let metrics = Arc::new(Metrics::new(&wire.run_id, config.workers, total, plan.heartbeat_timeout)?);
+    if let Some(addr) = crate::metrics::serve(&launch.metrics_addr, metrics.clone())? {
+        eprintln!("metrics: http://{addr}/metrics (run_id {})", wire.run_id);
     }
+    let mut sink = Sink::new(&config, prepared.model, total)?.with_metrics(metrics);
+    let schedule = Schedule::new(plan);
+    let result = if distributed {
+        crate::cluster::run(&config, launch, schedule, &wire, &mut sink)
+    } else {
+        local::run(&config, schedule, &wire, &mut sink)
+    };
+    if launch.metrics_linger > 0 {
+        eprintln!("metrics: serving for {} more seconds", launch.metrics_linger);
+        std::thread::sleep(Duration::from_secs(launch.metrics_linger));
+    }
+    result?;
     let o = sink.outcome();
     summary(&config.output_dir, o.steps, o.train_seconds, o.tokens, o.eval_loss, o.exact.0, o.exact.1);
     for (rank, (name, bytes)) in &o.peak_rss {

@@ -38,6 +38,7 @@ pub struct Sink<'a> {
     step_started: Option<Instant>,
     outcome: Outcome,
     block: Vec<(f64, Vec<StepReport>)>,
+    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
 impl<'a> Sink<'a> {
@@ -59,7 +60,14 @@ impl<'a> Sink<'a> {
                 peak_rss: Default::default(),
             },
             block: Vec::new(),
+            metrics: None,
         })
+    }
+
+    /// Also feed `/metrics`.
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// A line for the user.
@@ -74,12 +82,19 @@ impl<'a> Sink<'a> {
 
     /// Handles one action. Returns `Some(result)` when the run is over.
     pub fn handle(&mut self, action: &Action) -> Option<Result<()>> {
+        let step_seconds = match action {
+            Action::Stepped { .. } => self.step_started.take().map_or(0.0, |t| t.elapsed().as_secs_f64()),
+            _ => 0.0,
+        };
+        if let Some(m) = &self.metrics {
+            m.observe(action, step_seconds);
+        }
         let result = match action {
             Action::Say(text) => {
                 self.say(text);
                 Ok(())
             }
-            Action::Stepped { epoch, lr, reports } => self.stepped(*epoch, *lr, reports),
+            Action::Stepped { epoch, lr, reports } => self.stepped(*epoch, *lr, reports, step_seconds),
             Action::Evaluated { step, loss_sum, tokens } => {
                 let mean = if *tokens > 0 { loss_sum / *tokens as f64 } else { 0.0 };
                 self.outcome.eval_loss = Some(mean);
@@ -117,7 +132,12 @@ impl<'a> Sink<'a> {
                 peak.1 = peak.1.max(resources.rss_bytes);
                 Ok(())
             }
-            Action::Send(..) | Action::Drop(..) | Action::Heartbeat { .. } => Ok(()),
+            Action::Send(..)
+            | Action::Drop(..)
+            | Action::Heartbeat { .. }
+            | Action::Roster(_)
+            | Action::WorkerLost { .. }
+            | Action::NonFinite => Ok(()),
         };
         result.err().map(Err)
     }
@@ -126,9 +146,8 @@ impl<'a> Sink<'a> {
         Ok(lorafleet_worker::adapter_io::adapter_from_bytes(bytes, self.config.lora(), &self.model, &Device::Cpu)?)
     }
 
-    fn stepped(&mut self, epoch: f64, lr: f64, reports: &[(usize, String, StepReport)]) -> Result<()> {
-        let now = Instant::now();
-        let elapsed = self.step_started.take().map_or(Duration::ZERO, |t| now - t);
+    fn stepped(&mut self, epoch: f64, lr: f64, reports: &[(usize, String, StepReport)], seconds: f64) -> Result<()> {
+        let elapsed = Duration::from_secs_f64(seconds);
         let Some((_, _, first)) = reports.first() else { return Ok(()) };
         let step = first.step;
         self.outcome.steps = step;

@@ -5,6 +5,7 @@ mod demo;
 mod distributed;
 mod eval;
 mod generate;
+mod prometheus;
 mod train;
 
 use std::path::{Path, PathBuf};

@@ -34,7 +34,8 @@ pub(crate) fn serve(
 ) -> Result<(), String> {
     serve_inner(job, &commands, &out, &memory).map_err(|e| {
         let message = e.to_string();
-        let _ = out.send(ToCoordinator::Failed { message: message.clone() });
+        let nonfinite = matches!(e, Error::NonFinite { .. });
+        let _ = out.send(ToCoordinator::Failed { message: message.clone(), nonfinite });
         message
     })
 }
