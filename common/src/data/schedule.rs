@@ -61,12 +61,26 @@ pub fn steps_per_epoch(n: usize, batch_size: usize) -> usize {
 /// How one global batch is spread: `plan[rank][k]` is rank's k-th micro-batch. Every rank
 /// gets the same number of micro-batches (a rank with no examples left gets empty ones), so
 /// no rank ever skips a collective.
-pub fn spread(global: &[usize], world: usize, micro: usize) -> Vec<Vec<Vec<usize>>> {
-    let per_rank = global.len().div_ceil(world.max(1));
-    let micros = per_rank.div_ceil(micro.max(1)).max(1);
-    (0..world)
-        .map(|r| {
-            let mine = global.get(r * per_rank..((r + 1) * per_rank).min(global.len())).unwrap_or(&[]);
+///
+/// Examples are sorted longest first and dealt to the ranks in snake order (0, 1, …, n−1,
+/// n−1, …, 0, …): every rank gets about the same number of tokens, so no rank waits long for
+/// a straggler at the all-reduce, and each micro-batch holds examples of similar length, so
+/// little of it is padding. The set of examples of a step, hence its gradient, is the same
+/// whatever the world size.
+pub fn spread(global: &[usize], lengths: &[usize], world: usize, micro: usize) -> Vec<Vec<Vec<usize>>> {
+    let world = world.max(1);
+    let mut sorted = global.to_vec();
+    sorted.sort_by_key(|&i| std::cmp::Reverse(lengths.get(i).copied().unwrap_or(0)));
+    let mut ranks: Vec<Vec<usize>> = vec![Vec::new(); world];
+    for (k, i) in sorted.into_iter().enumerate() {
+        let (round, pos) = (k / world, k % world);
+        let rank = if round % 2 == 0 { pos } else { world - 1 - pos };
+        ranks[rank].push(i);
+    }
+    let micros = ranks.iter().map(Vec::len).max().unwrap_or(0).div_ceil(micro.max(1)).max(1);
+    ranks
+        .into_iter()
+        .map(|mine| {
             (0..micros)
                 .map(|k| mine.get(k * micro..((k + 1) * micro).min(mine.len())).unwrap_or(&[]).to_vec())
                 .collect()
@@ -103,11 +117,15 @@ mod tests {
 
     #[test]
     fn spread_gives_every_rank_the_same_number_of_micro_batches() {
-        let plan = spread(&[0, 1, 2, 3, 4], 2, 2);
-        assert_eq!(plan, vec![vec![vec![0, 1], vec![2]], vec![vec![3, 4], vec![]]]);
-        let plan = spread(&[7], 3, 4);
+        // Lengths 10, 50, 30, 20, 40: sorted 1, 4, 2, 3, 0; dealt 0→r0, 1→r1, 2→r1, 3→r0, 4→r0.
+        let lengths = [10, 50, 30, 20, 40];
+        let plan = spread(&[0, 1, 2, 3, 4], &lengths, 2, 2);
+        assert_eq!(plan, vec![vec![vec![1, 3], vec![0]], vec![vec![4, 2], vec![]]]);
+        let plan = spread(&[7], &[0; 8], 3, 4);
         assert!(plan.iter().all(|r| r.len() == 1));
         assert_eq!(plan[0][0], vec![7]);
+        // One rank: the whole batch, longest first, in micro-batches.
+        assert_eq!(spread(&[0, 1, 2, 3, 4], &lengths, 1, 2), vec![vec![vec![1, 4], vec![2, 3], vec![0]]]);
         assert_eq!(steps_per_epoch(1727, 16), 108);
     }
 }

@@ -523,7 +523,7 @@ impl Schedule {
         let order = &self.order.as_ref().expect("set above").1;
         let b = self.plan.batch_size;
         let global = order.get(index * b..((index + 1) * b).min(order.len())).unwrap_or(&[]);
-        spread(global, self.plan.world, self.plan.micro_batch_size)
+        spread(global, &self.plan.train_lengths, self.plan.world, self.plan.micro_batch_size)
     }
 
     fn start_step(&mut self, step: u64) {
