@@ -101,10 +101,18 @@ async fn drive(
     let addr = endpoint.local_addr()?;
     let join = format!("lorafleet://{}@{addr}/{}", secrets.token, secrets.fingerprint);
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(server::accept(endpoint.clone(), secrets.clone(), events_tx));
-    let _children = if flags.listen.is_none() {
+    tokio::spawn(server::accept(endpoint.clone(), secrets.clone(), events_tx.clone()));
+    if flags.listen.is_none() {
         sink.say(&format!("starting {} local workers", config.workers));
-        launch::spawn(config.workers, &join, &config.device)?
+        // Each child is watched (and killed with the runtime if the run ends first): a local
+        // worker that dies before joining would otherwise leave the run waiting forever.
+        for (i, mut child) in launch::spawn(config.workers, &join, &config.device)?.into_iter().enumerate() {
+            let tx = events_tx.clone();
+            tokio::spawn(async move {
+                let status = child.wait().await.map_or_else(|e| e.to_string(), |s| s.to_string());
+                let _ = tx.send(ShellEvent::Exited(i, status));
+            });
+        }
     } else {
         sink.say(&format!(
             "coordinator listening on {addr} (QUIC), certificate fingerprint {}\n\
@@ -112,8 +120,8 @@ async fn drive(
              join string: {join}",
             secrets.fingerprint, config.workers, secrets.token, secrets.fingerprint
         ));
-        Vec::new()
-    };
+    }
+    drop(events_tx);
     let mut conns: HashMap<u64, tokio::sync::mpsc::UnboundedSender<Outgoing>> = HashMap::new();
     let result = loop {
         if let Some(done) = act(&mut schedule, wire, sink, &conns) {
@@ -130,6 +138,9 @@ async fn drive(
             event = events.recv() => match event {
                 Some(ShellEvent::Attached(id, tx)) => { conns.insert(id, tx); }
                 Some(ShellEvent::Schedule(e)) => schedule.handle(e, Instant::now()),
+                Some(ShellEvent::Exited(i, status)) => {
+                    break Err(anyhow::anyhow!("local worker {i} exited ({status}) before the run ended"));
+                }
                 None => break Err(anyhow::anyhow!("the QUIC endpoint stopped")),
             },
             () = sleep => schedule.handle_timeout(Instant::now()),

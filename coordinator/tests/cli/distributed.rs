@@ -262,3 +262,16 @@ fn keygen_makes_a_certificate_whose_fingerprint_is_stable() {
     assert_eq!(first.trim(), lorafleet_common::protocol::sha256_hex(&cert));
     assert_eq!(first, again);
 }
+
+#[test]
+fn a_local_worker_that_dies_before_joining_stops_the_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_coordinator"))
+        .args(demo_run(&tmp.path().join("out"), 2, &["--metrics-addr", "0"]))
+        .env("LORAFLEET_WORKER_BIN", "false")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("local worker") && err.contains("exited") && err.contains("before the run ended"), "{err}");
+}
