@@ -116,7 +116,7 @@ async fn drive(
     } else {
         sink.say(&format!(
             "coordinator listening on {addr} (QUIC), certificate fingerprint {}\n\
-             waiting for {} workers: worker --join {addr} --token {} --fingerprint {}\n\
+             waiting for {} worker(s): worker --join {addr} --token {} --fingerprint {}\n\
              join string: {join}",
             secrets.fingerprint, config.workers, secrets.token, secrets.fingerprint
         ));

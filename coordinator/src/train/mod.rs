@@ -44,8 +44,10 @@ pub fn run(flags: TrainFlags) -> Result<()> {
         return Ok(());
     }
     config.validate(&origin)?;
-    if flags.demo || !flags.any_setting() {
+    if !flags.any_setting() {
         eprintln!("no settings given: training the embedded demo ({})", origin.display());
+    } else if flags.demo {
+        eprintln!("training the embedded demo ({}) with the flags given on top", origin.display());
     }
     let prepared = prepare(&config)?;
     std::fs::create_dir_all(&config.output_dir).with_context(|| format!("creating {}", config.output_dir.display()))?;

@@ -145,7 +145,15 @@ async fn session(args: Args, join: Join) -> Result<(), NodeError> {
     let (rank, world, run_id, config_toml) = match link::read_frame(&mut recv, MAX_FRAME).await {
         Ok(ToWorker::Welcome { rank, world, run_id, config_toml }) => (rank, world, run_id, config_toml),
         Ok(other) => return Err(unexpected(&other)),
-        Err(e) => return Err(NodeError::Link(LinkError::Closed(format!("the coordinator refused this worker: {e}")))),
+        Err(e) => {
+            // The coordinator says why in its close frame.
+            let why = match conn.close_reason() {
+                Some(quinn::ConnectionError::ApplicationClosed(c)) => String::from_utf8_lossy(&c.reason).into_owned(),
+                Some(other) => other.to_string(),
+                None => e.to_string(),
+            };
+            return Err(NodeError::Link(LinkError::Closed(format!("the coordinator refused this worker: {why}"))));
+        }
     };
     let mut config = TrainConfig::from_toml_str(&config_toml, std::path::Path::new("<config from the coordinator>"))?;
     if let Some(dir) = &args.base_model {
