@@ -259,6 +259,9 @@ impl TrainConfig {
                 ),
             );
         }
+        if self.max_steps == Some(0) {
+            return bad("max_steps", "must be at least 1 (leave it out to train num_epochs)".into());
+        }
         if self.num_epochs == 0 && self.max_steps.is_none() {
             return bad("num_epochs", "must be at least 1 (or set max_steps)".into());
         }

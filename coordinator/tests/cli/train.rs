@@ -122,6 +122,8 @@ fn invalid_values_stop_before_any_work() {
     assert!(!out.exists(), "nothing is created for an invalid configuration");
     let r = coordinator(&["--base_model", s(&tiny()), "--data_path", s(&data), "--lora_dropout", "1.5"]);
     assert!(String::from_utf8_lossy(&r.stderr).contains("`lora_dropout`"));
+    let r = coordinator(&["--base_model", s(&tiny()), "--data_path", s(&data), "--max_steps", "0"]);
+    assert!(String::from_utf8_lossy(&r.stderr).contains("`max_steps`"), "a run of no steps is refused");
     let r = coordinator(&["--lora_r", "many"]);
     assert_eq!(r.status.code(), Some(2), "clap rejects a non-number");
 }
