@@ -135,6 +135,9 @@ async fn drive(
             }
         };
         tokio::select! {
+            // Events first: after a long blocking action (writing a checkpoint, merging) the
+            // heartbeats that arrived meanwhile must be seen before any deadline is judged.
+            biased;
             event = events.recv() => match event {
                 Some(ShellEvent::Attached(id, tx)) => { conns.insert(id, tx); }
                 Some(ShellEvent::Schedule(e)) => schedule.handle(e, Instant::now()),
