@@ -18,8 +18,9 @@ use sha2::{Digest, Sha256};
 pub const PROTOCOL_VERSION: u16 = 1;
 /// Largest frame accepted before a peer has authenticated.
 pub const MAX_HANDSHAKE_FRAME: usize = 4 * 1024;
-/// Largest frame accepted from an authenticated peer: an adapter with its optimizer state.
-pub const MAX_FRAME: usize = 1 << 30;
+/// Largest frame accepted from an authenticated peer (the most a u32 length can say): an
+/// adapter with its AdamW moments, e.g. a 13B all-linear r=64 adapter (~3 GB).
+pub const MAX_FRAME: usize = u32::MAX as usize;
 /// Bytes before the body: length and version.
 pub const HEADER_LEN: usize = 6;
 
