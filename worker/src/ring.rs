@@ -1,15 +1,9 @@
-//! The CPU collective: all-reduce over TCP between worker processes.
+//! The CPU collective: a ring all-reduce over TCP between worker processes.
 //!
-//! Large buffers go round a ring: reduce-scatter then all-gather (each rank sends and receives
-//! `2·(n−1)/n` of the buffer, whatever n). Chunk `c` is summed in ring order starting at rank
-//! `c`, the same order at every step, and the all-gather copies the finished sums, so every
-//! rank ends with the same bits and two runs add the same numbers in the same order.
-//!
-//! Small buffers (LoRA gradients of small models, the loss statistics) are latency-bound: the
-//! ring's 2·(n−1) sequential hops each wait for a peer to be scheduled. They are exchanged
-//! directly instead, every rank sending its buffer to every other over a full mesh of links
-//! and adding the n buffers in rank order 0, 1, …, n−1: one hop, and again the same bits on
-//! every rank.
+//! Reduce-scatter then all-gather (each rank sends and receives `2·(n−1)/n` of the buffer,
+//! whatever n). Chunk `c` is summed in ring order starting at rank `c`, the same order at
+//! every step, and the all-gather copies the finished sums, so every rank ends with the
+//! same bits and two runs add the same numbers in the same order.
 
 use crate::collective::Collective;
 use crate::error::{Error, Result};
@@ -21,22 +15,14 @@ use std::time::{Duration, Instant};
 
 /// Elements reduced per round trip of the ring: bounds the copy buffers, not the maths.
 const BUCKET_ELEMS: usize = 4 << 20;
-/// Buffers up to this many bytes are exchanged directly rather than round the ring.
-const DIRECT_BYTES: usize = 1 << 20;
-/// What a connection is for, in its greeting.
-const RING: u8 = 0;
-const MESH: u8 = 1;
 /// How long ranks wait for each other to connect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A rank's links: to the next rank and from the previous one (the ring), and one to every
-/// other rank (the mesh; `peers[rank]` is `None`).
+/// A rank's two links: to the next rank and from the previous one.
 pub struct Ring {
     rank: usize,
     world: usize,
     links: Option<(TcpStream, TcpStream)>,
-    peers: Vec<Option<TcpStream>>,
-    direct_bytes: usize,
 }
 
 /// Numbers the ring can carry.
@@ -77,90 +63,25 @@ impl Ring {
         TcpListener::bind(SocketAddr::new(ip, 0)).map_err(|e| net("binding the listener", e))
     }
 
-    /// Forms the links, every connection presenting `key`: the ring (connect to rank+1,
-    /// accept rank−1) and the mesh (connect to every higher rank, accept every lower one).
+    /// Forms the ring: connects to rank+1 and accepts rank−1, both presenting `key`.
     pub fn connect(listener: TcpListener, rank: usize, world: usize, addrs: &[String], key: &Hash) -> Result<Self> {
-        let none = || (0..world).map(|_| None).collect();
         if world == 1 {
-            return Ok(Self { rank, world, links: None, peers: none(), direct_bytes: DIRECT_BYTES });
+            return Ok(Self { rank, world, links: None });
         }
         if addrs.len() != world || rank >= world {
             return Err(Error::Collective(format!("ring: {} addresses for rank {rank} of {world}", addrs.len())));
         }
         let prev = (rank + world - 1) % world;
-        let mut expected = vec![(prev as u32, RING)];
-        expected.extend((0..rank).map(|j| (j as u32, MESH)));
         let accept = std::thread::spawn({
             let key = *key;
-            move || accept_all(listener, expected, &key)
+            move || accept_prev(listener, prev as u32, &key)
         });
-        let next = connect_to(&addrs[(rank + 1) % world], rank as u32, RING, key)?;
-        let mut peers: Vec<Option<TcpStream>> = none();
-        for j in rank + 1..world {
-            peers[j] = Some(connect_to(&addrs[j], rank as u32, MESH, key)?);
-        }
-        let mut accepted = accept.join().map_err(|_| Error::Collective("ring: accept thread panicked".into()))??;
-        for (j, slot) in peers.iter_mut().enumerate().take(rank) {
-            *slot = accepted.remove(&(j as u32, MESH));
-        }
-        let prev = accepted
-            .remove(&(prev as u32, RING))
-            .ok_or_else(|| Error::Collective("ring: no link from the previous rank".into()))?;
-        Ok(Self { rank, world, links: Some((next, prev)), peers, direct_bytes: DIRECT_BYTES })
+        let next = connect_next(&addrs[(rank + 1) % world], rank as u32, key)?;
+        let prev = accept.join().map_err(|_| Error::Collective("ring: accept thread panicked".into()))??;
+        Ok(Self { rank, world, links: Some((next, prev)) })
     }
 
     fn all_reduce<T: Element>(&mut self, data: &mut [T]) -> Result<()> {
-        if self.world > 1 && data.len() * T::SIZE <= self.direct_bytes {
-            return self.exchange_all(data);
-        }
-        self.ring_all_reduce(data)
-    }
-
-    /// Sends `data` to every other rank and adds everyone's buffers in rank order.
-    fn exchange_all<T: Element>(&mut self, data: &mut [T]) -> Result<()> {
-        let mut bytes = Vec::with_capacity(data.len() * T::SIZE);
-        data.iter().for_each(|v| v.write(&mut bytes));
-        let len = bytes.len();
-        let writers: Vec<TcpStream> =
-            self.peers.iter().flatten().map(|p| p.try_clone().map_err(|e| net("socket", e))).collect::<Result<_>>()?;
-        let received: Vec<Vec<u8>> = std::thread::scope(|scope| {
-            let sends: Vec<_> = writers
-                .into_iter()
-                .map(|mut w| {
-                    let bytes = &bytes;
-                    scope.spawn(move || w.write_all(bytes))
-                })
-                .collect();
-            let mut received = Vec::with_capacity(self.world);
-            for peer in self.peers.iter_mut() {
-                let mut buf = Vec::new();
-                if let Some(p) = peer {
-                    buf.resize(len, 0);
-                    p.read_exact(&mut buf).map_err(|e| net("receiving from a peer", e))?;
-                }
-                received.push(buf);
-            }
-            for s in sends {
-                s.join()
-                    .map_err(|_| Error::Collective("ring: sender thread panicked".into()))?
-                    .map_err(|e| net("sending to a peer", e))?;
-            }
-            Ok::<_, Error>(received)
-        })?;
-        let own = data.to_vec();
-        let theirs: Vec<Vec<T>> = received.iter().map(|b| b.chunks_exact(T::SIZE).map(T::read).collect()).collect();
-        let value = |r: usize, k: usize| if r == self.rank { own[k] } else { theirs[r][k] };
-        for (k, slot) in data.iter_mut().enumerate() {
-            let mut acc = value(0, k);
-            for r in 1..self.world {
-                acc += value(r, k);
-            }
-            *slot = acc;
-        }
-        Ok(())
-    }
-
-    fn ring_all_reduce<T: Element>(&mut self, data: &mut [T]) -> Result<()> {
         let (n, r) = (self.world, self.rank);
         let Some((next, prev)) = self.links.as_mut() else { return Ok(()) };
         for bucket in data.chunks_mut(BUCKET_ELEMS) {
@@ -205,7 +126,7 @@ fn exchange<T: Element>(next: &mut TcpStream, prev: &mut TcpStream, out: &[T], l
     Ok(incoming.chunks_exact(T::SIZE).map(T::read).collect())
 }
 
-fn connect_to(addr: &str, rank: u32, kind: u8, key: &Hash) -> Result<TcpStream> {
+fn connect_next(addr: &str, rank: u32, key: &Hash) -> Result<TcpStream> {
     let deadline = Instant::now() + CONNECT_TIMEOUT;
     let mut stream = loop {
         match TcpStream::connect(addr) {
@@ -215,54 +136,40 @@ fn connect_to(addr: &str, rank: u32, kind: u8, key: &Hash) -> Result<TcpStream> 
         }
     };
     stream.set_nodelay(true).map_err(|e| net("TCP_NODELAY", e))?;
-    let mut greeting = key.to_vec();
-    greeting.extend_from_slice(&rank.to_le_bytes());
-    greeting.push(kind);
-    stream.write_all(&greeting).map_err(|e| net("greeting", e))?;
+    stream.write_all(key).and_then(|_| stream.write_all(&rank.to_le_bytes())).map_err(|e| net("greeting", e))?;
     Ok(stream)
 }
 
-/// Accepts connections until every expected (rank, kind) has presented the run's key; others
-/// are dropped (a port scanner or a stale worker cannot take a slot).
-fn accept_all(
-    listener: TcpListener,
-    mut expected: Vec<(u32, u8)>,
-    key: &Hash,
-) -> Result<std::collections::HashMap<(u32, u8), TcpStream>> {
+/// Accepts connections until one presents the run's key and the expected rank; others are
+/// dropped (a port scanner or a stale worker cannot take the slot).
+fn accept_prev(listener: TcpListener, expected: u32, key: &Hash) -> Result<TcpStream> {
     listener.set_nonblocking(true).map_err(|e| net("listener", e))?;
     let deadline = Instant::now() + CONNECT_TIMEOUT;
-    let mut got = std::collections::HashMap::new();
-    while !expected.is_empty() {
+    loop {
         match listener.accept() {
             Ok((mut stream, from)) => {
                 stream.set_nonblocking(false).map_err(|e| net("socket", e))?;
                 stream.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| net("socket", e))?;
-                let mut greeting = [0u8; 37];
-                let who = stream
-                    .read_exact(&mut greeting)
-                    .ok()
-                    .filter(|_| greeting[..32] == key[..])
-                    .map(|_| (u32::from_le_bytes(greeting[32..36].try_into().expect("4 bytes")), greeting[36]));
-                match who.and_then(|w| expected.iter().position(|e| *e == w)) {
-                    Some(i) => {
-                        stream.set_read_timeout(None).map_err(|e| net("socket", e))?;
-                        stream.set_nodelay(true).map_err(|e| net("TCP_NODELAY", e))?;
-                        got.insert(expected.swap_remove(i), stream);
-                    }
-                    None => tracing::warn!("ring: refused a connection from {from}: wrong key, rank or kind"),
+                let mut greeting = [0u8; 36];
+                let ok = stream.read_exact(&mut greeting).is_ok()
+                    && greeting[..32] == key[..]
+                    && greeting[32..] == expected.to_le_bytes();
+                if ok {
+                    stream.set_read_timeout(None).map_err(|e| net("socket", e))?;
+                    stream.set_nodelay(true).map_err(|e| net("TCP_NODELAY", e))?;
+                    return Ok(stream);
                 }
+                tracing::warn!("ring: refused a connection from {from}: wrong key or rank");
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if Instant::now() > deadline {
-                    let missing: Vec<u32> = expected.iter().map(|e| e.0).collect();
-                    return Err(Error::Collective(format!("ring: ranks {missing:?} did not connect within 60 s")));
+                    return Err(Error::Collective(format!("ring: rank {expected} did not connect within 60 s")));
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
             Err(e) => return Err(net("accepting", e)),
         }
     }
-    Ok(got)
 }
 
 impl Collective for Ring {
@@ -294,7 +201,7 @@ impl Collective for Ring {
 mod tests {
     use super::*;
 
-    fn ring_of(world: usize, direct_bytes: usize) -> Vec<Ring> {
+    fn ring_of(world: usize) -> Vec<Ring> {
         let key = [3u8; 32];
         let listeners: Vec<_> = (0..world).map(|_| Ring::listen([127, 0, 0, 1].into()).unwrap()).collect();
         let addrs: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
@@ -303,11 +210,7 @@ mod tests {
             .enumerate()
             .map(|(r, l)| {
                 let addrs = addrs.clone();
-                std::thread::spawn(move || {
-                    let mut ring = Ring::connect(l, r, world, &addrs, &key).unwrap();
-                    ring.direct_bytes = direct_bytes;
-                    ring
-                })
+                std::thread::spawn(move || Ring::connect(l, r, world, &addrs, &key).unwrap())
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -315,11 +218,10 @@ mod tests {
 
     #[test]
     fn every_rank_gets_the_same_sum() {
-        // Direct exchange (everything fits) and the ring (nothing does).
-        for (world, direct) in [1, 2, 3, 4].into_iter().flat_map(|w| [(w, DIRECT_BYTES), (w, 0)]) {
+        for world in [1, 2, 3, 4] {
             // Lengths shorter than, equal to and not divisible by the world size.
             for len in [1usize, 3, 4, 1001] {
-                let rings = ring_of(world, direct);
+                let rings = ring_of(world);
                 let handles: Vec<_> = rings
                     .into_iter()
                     .enumerate()
@@ -349,11 +251,11 @@ mod tests {
         let key = [9u8; 32];
         let listener = Ring::listen([127, 0, 0, 1].into()).unwrap();
         let addr = listener.local_addr().unwrap();
-        let accept = std::thread::spawn(move || accept_all(listener, vec![(1, RING)], &key));
+        let accept = std::thread::spawn(move || accept_prev(listener, 1, &key));
         let mut stray = TcpStream::connect(addr).unwrap();
-        stray.write_all(&[0u8; 37]).unwrap();
-        let good = connect_to(&addr.to_string(), 1, RING, &key).unwrap();
+        stray.write_all(&[0u8; 36]).unwrap();
+        let good = connect_next(&addr.to_string(), 1, &key).unwrap();
         let got = accept.join().unwrap().unwrap();
-        assert_eq!(got[&(1, RING)].peer_addr().unwrap(), good.local_addr().unwrap());
+        assert_eq!(got.peer_addr().unwrap(), good.local_addr().unwrap());
     }
 }
