@@ -65,3 +65,7 @@ a, b = load(f"{sys.argv[1]}/dp1/adapter_model.safetensors"), load(f"{sys.argv[1]
 num = sum((x - y) ** 2 for k in a for x, y in zip(a[k], b[k])); den = sum(x * x for k in a for x in a[k])
 print(f"in-process vs NCCL worker(s): relative difference {math.sqrt(num / den):.3e} (limit 1e-4)")
 PY
+
+# Data-parallel scaling on CPU workers with a core each (the 2-core CI machine oversubscribes
+# 4 workers): the table for docs/perf.md.
+target/release/coordinator bench --scaling --steps 8 --warmup 2 | tee "$out/scaling.md"
