@@ -1,18 +1,18 @@
 //! `coordinator eval`: loss and perplexity over answer tokens, optionally exact match.
 
 use crate::cli::EvalArgs;
-use crate::runtime;
 use anyhow::Result;
 use lorafleet_common::data::{read_records, tokenize_records, Template, TokenizeOptions};
 use lorafleet_worker::adapter_io::load_adapter;
+use lorafleet_worker::device;
 use lorafleet_worker::eval::{eval_loss, exact_match};
 use lorafleet_worker::Tokenizer;
 use serde_json::json;
 
 pub fn run(args: EvalArgs) -> Result<()> {
-    let device = runtime::device(&args.device.device)?;
+    let device = device::parse(&args.device.device)?;
     let template = Template::by_name(&args.template)?;
-    let model = runtime::load_model(&args.base, &device, args.device.load_in_8bit, args.device.int8_group_size)?;
+    let model = device::load_model(&args.base, &device, args.device.load_in_8bit, args.device.int8_group_size)?;
     let tokenizer = Tokenizer::from_dir(&args.base, model.config())?;
     let adapter = args.adapter.as_deref().map(|dir| load_adapter(dir, model.config(), &device)).transpose()?;
     let records = read_records(&args.data)?;

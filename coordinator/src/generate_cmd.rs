@@ -1,19 +1,19 @@
 //! `coordinator generate`: load a base once, any number of adapters, decode with one.
 
 use crate::cli::GenerateArgs;
-use crate::runtime;
 use anyhow::{bail, Context, Result};
 use lorafleet_common::data::PromptTemplate;
 use lorafleet_common::ModelConfig;
 use lorafleet_worker::adapter_io::load_adapter;
+use lorafleet_worker::device;
 use lorafleet_worker::generate::{generate, Sampling};
 use lorafleet_worker::{LoraAdapter, Tokenizer};
 use std::io::Write;
 use std::path::PathBuf;
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let device = runtime::device(&args.device.device)?;
-    let model = runtime::load_model(&args.base, &device, args.device.load_in_8bit, args.device.int8_group_size)?;
+    let device = device::parse(&args.device.device)?;
+    let model = device::load_model(&args.base, &device, args.device.load_in_8bit, args.device.int8_group_size)?;
     let tokenizer = Tokenizer::from_dir(&args.base, model.config())?;
     let adapters = load_adapters(&args.adapters, model.config(), &device)?;
     let active = select(&adapters, args.use_adapter.as_deref())?;

@@ -1,9 +1,8 @@
-//! Process-level helpers shared by the subcommands: logging, device and dtype parsing.
+//! Process-level helpers shared by the subcommands: logging, dtype and size parsing (devices
+//! and model loading are `lorafleet_worker::device`).
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
-use lorafleet_worker::Llama;
-use std::path::Path;
+use candle_core::DType;
 
 /// Logs go to stderr so that stdout carries only results (generated text, JSON).
 pub fn init_logging(verbose: u8) {
@@ -16,16 +15,6 @@ pub fn init_logging(verbose: u8) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
-}
-
-/// `cpu`, `cuda` or `cuda:N`.
-pub fn device(spec: &str) -> Result<Device> {
-    Ok(lorafleet_worker::device::parse(spec)?)
-}
-
-/// Loads a base model on `device` in its compute dtype, int8 when asked.
-pub fn load_model(dir: &Path, device: &Device, load_in_8bit: bool, group: Option<usize>) -> Result<Llama> {
-    Ok(lorafleet_worker::device::load_model(dir, device, load_in_8bit, group)?)
 }
 
 /// `f32`, `f16`, `bf16` (and transformers' long names).

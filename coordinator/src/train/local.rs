@@ -3,12 +3,12 @@
 
 use super::sink::Sink;
 use super::wire::Wire;
-use crate::runtime;
 use crate::schedule::{Action, Command, Event, Schedule};
 use anyhow::Result;
 use lorafleet_common::config::TrainConfig;
 use lorafleet_common::protocol::{Identity, ToCoordinator};
 use lorafleet_worker::collective::SingleRank;
+use lorafleet_worker::device;
 use lorafleet_worker::executor::Executor;
 use lorafleet_worker::Tokenizer;
 use std::sync::Arc;
@@ -16,9 +16,8 @@ use std::time::Instant;
 
 /// Trains with one in-process replica.
 pub fn run(config: &TrainConfig, mut schedule: Schedule, wire: &Wire, sink: &mut Sink<'_>) -> Result<()> {
-    let device = runtime::device(&config.device)?;
-    let model =
-        Arc::new(runtime::load_model(&config.base_model, &device, config.load_in_8bit, config.int8_group_size)?);
+    let device = device::parse(&config.device)?;
+    let model = Arc::new(device::load_model(&config.base_model, &device, config.load_in_8bit, config.int8_group_size)?);
     let tokenizer = Tokenizer::from_dir(&config.base_model, model.config())?;
     let mut executor = Executor::new(config, model, tokenizer, Box::new(SingleRank))?;
     schedule.handle(Event::Joined { id: 0, name: "in-process".into() }, Instant::now());
