@@ -47,7 +47,7 @@ impl Executor {
                 let unpacked = std::time::Instant::now();
                 micro_batches.iter().try_for_each(check_batch)?;
                 let data = unpacked.elapsed().as_secs_f64();
-                let (stats, t) = self.replica.step(&micro_batches, step, lr, self.max_grad_norm)?;
+                let (stats, seconds) = self.replica.step(&micro_batches, step, lr, self.max_grad_norm)?;
                 ToCoordinator::StepDone(StepReport {
                     step,
                     loss: stats.loss,
@@ -55,13 +55,7 @@ impl Executor {
                     grad_norm: stats.grad_norm,
                     local_tokens: micro_batches.iter().map(Batch::real_tokens).sum(),
                     local_samples: micro_batches.iter().map(|b| b.rows as u64).sum(),
-                    seconds: PhaseSeconds {
-                        data,
-                        forward: t.forward_seconds,
-                        backward: t.backward_seconds,
-                        allreduce: t.reduce_seconds,
-                        optimizer: t.optimizer_seconds,
-                    },
+                    seconds: PhaseSeconds { data, ..seconds },
                 })
             }
             ToWorker::Eval { batches } => {

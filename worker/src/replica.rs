@@ -9,24 +9,11 @@ use crate::error::Result;
 use crate::lora::LoraAdapter;
 use crate::model::Llama;
 use crate::train::{apply, StepAccumulator, StepStats};
-use lorafleet_common::protocol::Hash;
+use lorafleet_common::protocol::{Hash, PhaseSeconds};
 use lorafleet_common::Batch;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use std::time::Instant;
-
-/// Where a replica's step time went.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct StepTimings {
-    /// Forward passes of every micro-batch.
-    pub forward_seconds: f64,
-    /// Backward passes (and recomputation) of every micro-batch.
-    pub backward_seconds: f64,
-    /// All-reduce of gradients and statistics, waiting for the slowest rank included.
-    pub reduce_seconds: f64,
-    /// Clipping and the AdamW update.
-    pub optimizer_seconds: f64,
-}
 
 /// A model replica with its trainable state.
 pub struct Replica {
@@ -74,28 +61,30 @@ impl Replica {
 
     /// Runs optimizer step `step` (1-based) over this rank's `micro_batches` at learning rate `lr`.
     /// Every rank must call this with the same number of micro-batches (some may be empty).
+    /// Returns the step's statistics and where its time went (`data` is left to the caller).
     pub fn step(
         &mut self,
         micro_batches: &[Batch],
         step: u64,
         lr: f64,
         max_grad_norm: f64,
-    ) -> Result<(StepStats, StepTimings)> {
+    ) -> Result<(StepStats, PhaseSeconds)> {
         let mut acc = StepAccumulator::new(&self.adapter);
         for batch in micro_batches.iter().filter(|b| b.rows > 0) {
             let dropout = Dropout::On { seed: self.seed, step, example_ids: batch.example_ids.clone() };
             acc.micro_batch(&self.model, &self.adapter, batch, &dropout, self.checkpointing)?;
         }
         let computed = Instant::now();
-        let (forward_seconds, backward_seconds) = (acc.forward_seconds, acc.backward_seconds);
+        let (forward, backward) = (acc.forward_seconds, acc.backward_seconds);
         let (grads, stats) = acc.reduce(&self.adapter, self.collective.as_mut(), step)?;
         let reduced = Instant::now();
         apply(&self.adapter, &mut self.optimizer, grads, &stats, lr, max_grad_norm)?;
-        let timings = StepTimings {
-            forward_seconds,
-            backward_seconds,
-            reduce_seconds: (reduced - computed).as_secs_f64(),
-            optimizer_seconds: reduced.elapsed().as_secs_f64(),
+        let timings = PhaseSeconds {
+            data: 0.0,
+            forward,
+            backward,
+            allreduce: (reduced - computed).as_secs_f64(),
+            optimizer: reduced.elapsed().as_secs_f64(),
         };
         Ok((stats, timings))
     }
