@@ -294,6 +294,12 @@ fn proof_mac(token: &str, nonce: &Hash, fingerprint: &str) -> Hmac<Sha256> {
     mac
 }
 
+/// The first `max_chars` characters of a message's debug form: enough to name it in an error
+/// without pasting a batch of token ids into the log.
+pub fn brief(msg: &impl std::fmt::Debug, max_chars: usize) -> String {
+    format!("{msg:?}").chars().take(max_chars).collect()
+}
+
 /// SHA-256 of `bytes` as lowercase hex: the form fingerprints are printed and pinned in.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))

@@ -90,6 +90,5 @@ fn check_batch(b: &Batch) -> Result<()> {
 
 /// The error for a message that has no place at this point of the protocol.
 pub(crate) fn unexpected(msg: &ToWorker) -> Error {
-    let text = format!("{msg:?}");
-    Error::Collective(format!("unexpected command {}", text.chars().take(80).collect::<String>()))
+    Error::Collective(format!("unexpected command {}", lorafleet_common::protocol::brief(msg, 80)))
 }

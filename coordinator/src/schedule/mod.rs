@@ -16,7 +16,7 @@ pub mod lr;
 mod tests;
 
 use lorafleet_common::data::schedule::{epoch_order, spread};
-use lorafleet_common::protocol::{hex, Hash, Identity, Resources, StepReport, ToCoordinator};
+use lorafleet_common::protocol::{brief, hex, Hash, Identity, Resources, StepReport, ToCoordinator};
 use std::collections::VecDeque;
 use std::ops::Range;
 use std::time::{Duration, Instant};
@@ -478,11 +478,7 @@ impl Schedule {
                     self.start_step(step + 1);
                 }
             }
-            (_, other) => {
-                let text = format!("{other:?}");
-                let short: String = text.chars().take(60).collect();
-                self.abort(format!("worker {name} (rank {r}) sent {short} out of turn"));
-            }
+            (_, other) => self.abort(format!("worker {name} (rank {r}) sent {} out of turn", brief(&other, 60))),
         }
     }
 

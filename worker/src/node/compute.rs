@@ -66,7 +66,7 @@ fn serve_inner(
     send(out, ToCoordinator::Identity(identity))?;
     let peers = match commands.recv() {
         Ok(ToWorker::Peers(p)) => p,
-        Ok(other) => return Err(unexpected(&other)),
+        Ok(other) => return Err(crate::executor::unexpected(&other)),
         Err(_) => return Ok(()),
     };
     let collective = collective(&device, &job, listener, &peers)?;
@@ -85,10 +85,6 @@ fn note_memory(device: &Device, memory: &Shared) {
     if let Some((used, total)) = resources::device_memory(device) {
         memory.set_device(used, total);
     }
-}
-
-fn unexpected(msg: &ToWorker) -> Error {
-    crate::executor::unexpected(msg)
 }
 
 /// Rank 0 of a GPU group creates the NCCL id that the coordinator hands to everyone.

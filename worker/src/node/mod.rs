@@ -231,8 +231,7 @@ async fn session(args: Args, join: Join) -> Result<(), NodeError> {
 }
 
 fn unexpected(msg: &ToWorker) -> NodeError {
-    let text = format!("{msg:?}");
-    NodeError::Protocol(format!("unexpected message {}", text.chars().take(80).collect::<String>()))
+    NodeError::Protocol(format!("unexpected message {}", lorafleet_common::protocol::brief(msg, 80)))
 }
 
 fn default_name() -> String {
