@@ -165,23 +165,31 @@ impl Metrics {
         Ok(m)
     }
 
-    fn worker(&self, rank: usize, name: &str) -> (String, String) {
-        (rank.to_string(), name.to_owned())
-    }
-
-    fn heard(&self, rank: usize, name: &str, up: bool) {
-        let key = self.worker(rank, name);
-        let labels = [key.0.as_str(), key.1.as_str()];
-        self.worker_up.with_label_values(&labels).set(if up { 1.0 } else { 0.0 });
-        for g in [&self.rss, &self.device_used, &self.device_peak, &self.device_total, &self.heartbeat_age] {
-            g.with_label_values(&labels);
-        }
-        for g in [&self.worker_tokens_per_second, &self.worker_samples_per_second] {
+    /// A joined worker's series, created at 0 so that dashboards see a value, not an absence.
+    fn joined(&self, rank: usize, name: &str) {
+        let rank_label = rank.to_string();
+        let labels = [rank_label.as_str(), name];
+        for g in [
+            &self.rss,
+            &self.device_used,
+            &self.device_peak,
+            &self.device_total,
+            &self.heartbeat_age,
+            &self.worker_tokens_per_second,
+            &self.worker_samples_per_second,
+        ] {
             g.with_label_values(&labels);
         }
         for phase in PHASES {
             self.phase_seconds.with_label_values(&[labels[0], labels[1], phase]);
         }
+        self.heard(rank, name, true);
+    }
+
+    /// The worker was heard from (`up`), or is lost (`!up`: its last-heard time stays).
+    fn heard(&self, rank: usize, name: &str, up: bool) {
+        let key = (rank.to_string(), name.to_owned());
+        self.worker_up.with_label_values(&[key.0.as_str(), key.1.as_str()]).set(if up { 1.0 } else { 0.0 });
         let mut heard = self.heard.lock().unwrap_or_else(|e| e.into_inner());
         let entry = heard.entry(key).or_insert((Instant::now(), up));
         *entry = (if up { Instant::now() } else { entry.0 }, up);
@@ -193,7 +201,7 @@ impl Metrics {
             Action::Roster(names) => {
                 self.workers_joined.set(names.len() as f64);
                 for (rank, name) in names.iter().enumerate() {
-                    self.heard(rank, name, true);
+                    self.joined(rank, name);
                 }
             }
             Action::WorkerLost { rank, name } => self.heard(*rank, name, false),
