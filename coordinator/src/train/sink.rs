@@ -10,7 +10,7 @@ use lorafleet_common::config::TrainConfig;
 use lorafleet_common::protocol::StepReport;
 use lorafleet_common::ModelConfig;
 use serde_json::json;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// What a finished run reports.
 pub struct Outcome {
@@ -147,15 +147,14 @@ impl<'a> Sink<'a> {
     }
 
     fn stepped(&mut self, epoch: f64, lr: f64, reports: &[(usize, String, StepReport)], seconds: f64) -> Result<()> {
-        let elapsed = Duration::from_secs_f64(seconds);
         let Some((_, _, first)) = reports.first() else { return Ok(()) };
         let step = first.step;
         self.outcome.steps = step;
-        self.outcome.train_seconds += elapsed.as_secs_f64();
+        self.outcome.train_seconds += seconds;
         self.outcome.tokens += reports.iter().map(|(_, _, r)| r.local_tokens).sum::<u64>();
         let tps = self.outcome.tokens as f64 / self.outcome.train_seconds.max(1e-9);
         self.reporter.step(step, first.loss, lr, tps);
-        self.block.push((elapsed.as_secs_f64(), reports.iter().map(|(_, _, r)| r.clone()).collect()));
+        self.block.push((seconds, reports.iter().map(|(_, _, r)| r.clone()).collect()));
         if step.is_multiple_of(self.config.logging_steps as u64) || step == self.total {
             let n = self.block.len() as f64;
             let loss = self.block.iter().map(|(_, r)| r[0].loss).sum::<f64>() / n;
