@@ -75,28 +75,23 @@ fn one(model: &'static str, dir: &Path, workers: usize, steps: usize, warmup: us
         bail!("{model} with {workers} workers failed (rerun the command by hand to see why)");
     }
     let text = std::fs::read_to_string(out.join("metrics.jsonl"))?;
-    let records: Vec<Value> = text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["type"] == "train" && v["step"].as_u64().is_some_and(|s| s > warmup as u64))
-        .collect();
+    let train: Vec<Value> =
+        text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).filter(|v| v["type"] == "train").collect();
+    let step_of = |v: &Value| v["step"].as_u64().unwrap_or(0);
+    let tokens_of = |v: &Value| v["tokens"].as_f64().unwrap_or(0.0);
+    let records: Vec<&Value> = train.iter().filter(|v| step_of(v) > warmup as u64).collect();
     anyhow::ensure!(!records.is_empty(), "{model}: no timed steps in metrics.jsonl");
     let n = records.len() as f64;
-    let mean = |f: &dyn Fn(&Value) -> f64| records.iter().map(f).sum::<f64>() / n;
+    let mean = |f: &dyn Fn(&Value) -> f64| records.iter().map(|v| f(v)).sum::<f64>() / n;
     let over_ranks = |v: &Value, keys: &[&str]| {
         let ws = v["workers"].as_array().map(Vec::as_slice).unwrap_or_default();
         ws.iter().map(|w| keys.iter().map(|k| w[*k].as_f64().unwrap_or(0.0)).sum::<f64>()).sum::<f64>()
             / ws.len().max(1) as f64
     };
     let step = mean(&|v| v["step_seconds"].as_f64().unwrap_or(0.0));
-    let tokens: Vec<f64> = records.iter().map(|v| v["tokens"].as_f64().unwrap_or(0.0)).collect();
-    let timed_tokens = tokens.last().copied().unwrap_or(0.0)
-        - text
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .find(|v| v["type"] == "train" && v["step"].as_u64() == Some(warmup as u64))
-            .and_then(|v| v["tokens"].as_f64())
-            .unwrap_or(0.0);
+    // Tokens of the timed steps: the count after the last one minus the count after warm-up.
+    let warmed_up = train.iter().find(|v| step_of(v) == warmup as u64).map_or(0.0, tokens_of);
+    let timed_tokens = records.last().map_or(0.0, |v| tokens_of(v)) - warmed_up;
     Ok(Row {
         model,
         workers,
