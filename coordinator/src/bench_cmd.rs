@@ -171,11 +171,6 @@ fn one_config(args: &BenchArgs, label: &str) -> Result<()> {
 
 /// The process's peak resident set (VmHWM), in MiB.
 fn peak_rss_mib() -> Result<f64> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmHWM in /proc/self/status")?;
-    Ok(kb / 1024.0)
+    let bytes = lorafleet_worker::node::process_status_bytes("VmHWM").context("no VmHWM in /proc/self/status")?;
+    Ok(bytes as f64 / (1 << 20) as f64)
 }

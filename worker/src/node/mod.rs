@@ -8,6 +8,8 @@
 mod compute;
 mod resources;
 
+pub use resources::process_status_bytes;
+
 use crate::link::{self, LinkError};
 use lorafleet_common::config::TrainConfig;
 use lorafleet_common::protocol::{

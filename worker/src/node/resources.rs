@@ -25,15 +25,17 @@ impl Shared {
     }
 }
 
-/// Resident set size of this process (Linux: /proc/self/status; 0 elsewhere).
+/// Resident set size of this process (0 where /proc is not there).
 pub(crate) fn resident_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
-            line.split_whitespace().nth(1)?.parse::<u64>().ok()
-        })
-        .map_or(0, |kb| kb * 1024)
+    process_status_bytes("VmRSS").unwrap_or(0)
+}
+
+/// A memory figure of this process from Linux's /proc/self/status (`VmRSS`, `VmHWM`, ...).
+pub fn process_status_bytes(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.strip_prefix(field).is_some_and(|rest| rest.starts_with(':')))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Device memory (used, total) of the current CUDA context, when there is one.
@@ -50,4 +52,16 @@ pub(crate) fn device_memory(device: &candle_core::Device) -> Option<(u64, u64)> 
 #[cfg(not(feature = "cuda"))]
 pub(crate) fn device_memory(_device: &candle_core::Device) -> Option<(u64, u64)> {
     None
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    #[test]
+    fn memory_figures_come_from_proc() {
+        let rss = super::process_status_bytes("VmRSS").unwrap();
+        let peak = super::process_status_bytes("VmHWM").unwrap();
+        assert!(rss > 0 && peak >= rss, "rss {rss}, peak {peak}");
+        // A prefix of another field's name is not that field.
+        assert_eq!(super::process_status_bytes("VmR"), None);
+    }
 }
