@@ -127,9 +127,7 @@ async fn session(args: Args, join: Join) -> Result<(), NodeError> {
         .map_err(setup)?
         .next()
         .ok_or_else(|| NodeError::Args(format!("--join {}: the name resolves to no address", join.addr)))?;
-    let local: SocketAddr =
-        if remote.is_ipv6() { "[::]:0".parse() } else { "0.0.0.0:0".parse() }.expect("literal socket address");
-    let mut endpoint = quinn::Endpoint::client(local).map_err(setup)?;
+    let mut endpoint = quinn::Endpoint::client(any_port_towards(remote)).map_err(setup)?;
     endpoint.set_default_client_config(link::client_config(&join.fingerprint)?);
     let connecting =
         endpoint.connect(remote, link::SERVER_NAME).map_err(|e| LinkError::Setup(format!("{remote}: {e}")))?;
@@ -246,10 +244,16 @@ fn default_name() -> String {
     format!("{host}-{}", std::process::id())
 }
 
+/// Any local address and port of `remote`'s family.
+fn any_port_towards(remote: SocketAddr) -> SocketAddr {
+    let ip: IpAddr =
+        if remote.is_ipv6() { std::net::Ipv6Addr::UNSPECIFIED.into() } else { std::net::Ipv4Addr::UNSPECIFIED.into() };
+    SocketAddr::new(ip, 0)
+}
+
 /// The local address the OS would use to reach `remote` (no packet is sent).
 fn local_ip_towards(remote: SocketAddr) -> std::io::Result<IpAddr> {
-    let bind: SocketAddr = if remote.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("literal");
-    let socket = std::net::UdpSocket::bind(bind)?;
+    let socket = std::net::UdpSocket::bind(any_port_towards(remote))?;
     socket.connect(remote)?;
     Ok(socket.local_addr()?.ip())
 }
