@@ -15,6 +15,7 @@
 
 mod fallback;
 mod frozen_linear;
+pub mod fused;
 #[cfg(feature = "cuda")]
 mod int8_cuda;
 mod int8_linear;

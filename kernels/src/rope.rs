@@ -22,6 +22,11 @@ impl Rope {
         Ok(Self { cos: cos.to_dtype(DType::F32)?, sin: sin.to_dtype(DType::F32)? })
     }
 
+    /// The `cos` and `sin` tables `[positions, head_dim / 2]` (f32).
+    pub fn tables(&self) -> (&Tensor, &Tensor) {
+        (&self.cos, &self.sin)
+    }
+
     /// Positions the tables cover.
     pub fn len(&self) -> usize {
         self.cos.dims()[0]

@@ -10,6 +10,7 @@ pub mod adapter_io;
 pub mod collective;
 pub mod device;
 pub mod dropout;
+pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod executor;

@@ -23,6 +23,8 @@ pub struct Replica {
     collective: Box<dyn Collective>,
     seed: u64,
     checkpointing: bool,
+    /// The training engine's buffers, sized by the first micro-batch and kept across steps.
+    engine: Option<crate::engine::Engine>,
 }
 
 impl Replica {
@@ -36,7 +38,7 @@ impl Replica {
     ) -> Result<Self> {
         let vars: Vec<_> = adapter.named_vars().into_iter().map(|(_, v)| v).collect();
         let optimizer = AdamW::new(adam, &vars, model.device())?;
-        Ok(Self { model, adapter, optimizer, collective, seed, checkpointing: false })
+        Ok(Self { model, adapter, optimizer, collective, seed, checkpointing: false, engine: None })
     }
 
     /// Recompute blocks in the backward instead of keeping their activations.
@@ -69,14 +71,16 @@ impl Replica {
         lr: f64,
         max_grad_norm: f64,
     ) -> Result<(StepStats, PhaseSeconds)> {
-        let mut acc = StepAccumulator::new(&self.adapter);
+        let mut acc = StepAccumulator::new(&self.adapter).with_engine(self.engine.take());
         for batch in micro_batches.iter().filter(|b| b.rows > 0) {
             let dropout = Dropout::On { seed: self.seed, step, example_ids: batch.example_ids.clone() };
             acc.micro_batch(&self.model, &self.adapter, batch, &dropout, self.checkpointing)?;
         }
         let computed = Instant::now();
         let (forward, backward) = (acc.forward_seconds, acc.backward_seconds);
-        let (grads, stats) = acc.reduce(&self.adapter, self.collective.as_mut(), step)?;
+        let reduced = acc.reduce(&self.adapter, self.collective.as_mut(), step);
+        self.engine = acc.into_engine();
+        let (grads, stats) = reduced?;
         let reduced = Instant::now();
         apply(&self.adapter, &mut self.optimizer, grads, &stats, lr, max_grad_norm)?;
         let timings = PhaseSeconds {

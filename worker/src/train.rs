@@ -8,6 +8,7 @@
 use crate::adamw::AdamW;
 use crate::collective::Collective;
 use crate::dropout::Dropout;
+use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::lora::LoraAdapter;
 use crate::model::Llama;
@@ -41,9 +42,34 @@ pub fn head_loss(model: &Llama, hidden: &Tensor, batch: &Batch) -> Result<(Tenso
     Ok((losses.sum_all()?, positions.len()))
 }
 
+/// Which implementation computes a micro-batch's forward and backward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    /// The fused engine where it covers the model (dense f32 on the CPU), else the reference.
+    Engine,
+    /// The reference model and candle's autograd (the engine's test oracle).
+    Reference,
+}
+
+impl Path {
+    /// The engine unless `LORAFLEET_ENGINE=reference` asks for the reference path (to
+    /// compare the two in a benchmark or to rule the engine out when chasing a bug).
+    pub fn from_env() -> Self {
+        match std::env::var("LORAFLEET_ENGINE").as_deref() {
+            Ok("reference") => Self::Reference,
+            _ => Self::Engine,
+        }
+    }
+}
+
 /// Gradient sums of one rank for one optimizer step.
 pub struct StepAccumulator {
     grads: Vec<Option<Tensor>>,
+    path: Path,
+    /// The engine (buffers kept across steps by whoever owns the accumulator's engine).
+    engine: Option<Engine>,
+    /// Whether the engine's bucket holds this step's sums.
+    engine_used: bool,
     loss_sum: f64,
     tokens: f64,
     /// Seconds in forward passes so far.
@@ -64,15 +90,39 @@ pub struct StepStats {
 }
 
 impl StepAccumulator {
-    /// An empty accumulator for `adapter`'s parameters.
+    /// An empty accumulator for `adapter`'s parameters, computing through `Path::from_env()`.
     pub fn new(adapter: &LoraAdapter) -> Self {
+        Self::with_path(adapter, Path::from_env())
+    }
+
+    /// An empty accumulator computing through `path`.
+    pub fn with_path(adapter: &LoraAdapter, path: Path) -> Self {
         Self {
             grads: adapter.named_vars().iter().map(|_| None).collect(),
+            path,
+            engine: None,
+            engine_used: false,
             loss_sum: 0.0,
             tokens: 0.0,
             forward_seconds: 0.0,
             backward_seconds: 0.0,
         }
+    }
+
+    /// Hands in an engine whose buffers an earlier step sized (its bucket must be empty).
+    pub fn with_engine(mut self, engine: Option<Engine>) -> Self {
+        self.engine = engine;
+        self
+    }
+
+    /// Whether the engine (not the reference path) computed the micro-batches so far.
+    pub fn engine_used(&self) -> bool {
+        self.engine_used
+    }
+
+    /// The engine, for the next step to reuse its buffers.
+    pub fn into_engine(self) -> Option<Engine> {
+        self.engine
     }
 
     /// Runs forward and backward on one micro-batch and adds its gradient sums; with
@@ -87,6 +137,18 @@ impl StepAccumulator {
         checkpointing: bool,
     ) -> Result<(f64, usize)> {
         let start = std::time::Instant::now();
+        if self.path == Path::Engine && self.engine.is_none() {
+            self.engine = Engine::new(model, adapter);
+        }
+        if let Some(engine) = self.engine.as_mut().filter(|_| self.path == Path::Engine) {
+            let s = engine.micro_batch(model, adapter, batch, dropout, checkpointing)?;
+            self.engine_used = true;
+            self.forward_seconds += s.forward_seconds;
+            self.backward_seconds += start.elapsed().as_secs_f64() - s.forward_seconds;
+            self.loss_sum += s.loss_sum;
+            self.tokens += s.tokens as f64;
+            return Ok((s.loss_sum, s.tokens));
+        }
         let (value, tokens, grads, forward) = if checkpointing {
             crate::recompute::backward(model, adapter, batch, dropout)?
         } else {
@@ -115,7 +177,7 @@ impl StepAccumulator {
     /// gradients (in `named_vars` order) with the step's statistics; `step` is only used to
     /// name a non-finite value.
     pub fn reduce(
-        self,
+        &mut self,
         adapter: &LoraAdapter,
         collective: &mut dyn Collective,
         step: u64,
@@ -125,16 +187,26 @@ impl StepAccumulator {
             .first()
             .map(|(_, v)| v.device().clone())
             .ok_or_else(|| Error::Invalid("adapter has no parameters".into()))?;
-        let flat: Vec<Tensor> = self
-            .grads
-            .into_iter()
-            .zip(&vars)
-            .map(|(g, (_, v))| match g {
-                Some(g) => g.flatten_all(),
-                None => Tensor::zeros(v.elem_count(), DType::F32, &device),
-            })
-            .collect::<candle_core::Result<_>>()?;
-        let bucket = collective.all_reduce_grads(Tensor::cat(&flat, 0)?)?;
+        let local = match self.engine.as_mut() {
+            Some(engine) if self.engine_used => {
+                let flat = engine.take_bucket();
+                let n = flat.len();
+                Tensor::from_vec(flat, n, &device)?
+            }
+            _ => {
+                let flat: Vec<Tensor> = std::mem::take(&mut self.grads)
+                    .into_iter()
+                    .zip(&vars)
+                    .map(|(g, (_, v))| match g {
+                        Some(g) => g.flatten_all(),
+                        None => Tensor::zeros(v.elem_count(), DType::F32, &device),
+                    })
+                    .collect::<candle_core::Result<_>>()?;
+                Tensor::cat(&flat, 0)?
+            }
+        };
+        self.engine_used = false;
+        let bucket = collective.all_reduce_grads(local)?;
         let mut stats = [self.loss_sum, self.tokens];
         collective.all_reduce_stats(&mut stats)?;
         let [loss_sum, tokens] = stats;

@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod checkpointing;
+mod engine;
 mod int8;
 mod reference;
 mod variants;

@@ -120,6 +120,12 @@ impl Llama {
         Ok(Self { config, embed, blocks, norm, lm_head, rope, dtype, device: device.clone() })
     }
 
+    /// The frozen parts the training engine reads: embeddings, blocks, final norm, output
+    /// head and rotary tables.
+    pub(crate) fn parts(&self) -> (&Tensor, &[Block], &RmsNorm, &FrozenLinear, &Rope) {
+        (&self.embed, &self.blocks, &self.norm, &self.lm_head, &self.rope)
+    }
+
     /// The model's configuration.
     pub fn config(&self) -> &ModelConfig {
         &self.config

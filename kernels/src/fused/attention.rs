@@ -1,0 +1,382 @@
+//! Causal self-attention over packed variable-length sequences, with grouped-query heads
+//! (GQA) and an optional sliding window, computed flash-attention style: the `[T, T]` score
+//! matrix never exists whole, only `BQ × BK` blocks of it in per-task scratch.
+//!
+//! Layout (token-major, row-major `f32`): `n_seq` sequences packed back to back, sequence `s`
+//! being tokens `cu_seqlens[s]..cu_seqlens[s + 1]` of `N = cu_seqlens[n_seq]`. `q` and `o` are
+//! `[N, heads·head_dim]`, `k` and `v` are `[N, kv_heads·head_dim]`; query head `h` reads kv
+//! head `h / (heads / kv_heads)` in place (K and V are never repeated per query head). Positions
+//! restart in every sequence and no token attends across sequences: with local indices, key `j`
+//! is visible to query `i` iff `j <= i` and, with a window `w`, `i - j < w` (transformers'
+//! Mistral rule masks `i - j >= w`).
+//!
+//! Work is split into one task per (sequence, kv head). A task owns, for its sequence, the rows
+//! of `o`, `lse` and `dq` of the query heads of its group, and `dk`, `dv` of its kv head: every
+//! output element has exactly one owner, each task runs sequentially in a fixed order, so the
+//! result is bit-identical for any thread count and needs no atomics.
+//!
+//! Gradient plan (FlashAttention-2), with `S = scale·Q·Kᵀ`, `P = softmax(S)` (masked),
+//! `O = P·V` and the saved `lse = logsumexp(S)` per row:
+//! - `D_i = Σ_c dO_ic·O_ic` (the row dot product that the softmax backward needs);
+//! - per block: `P = exp(S − lse)` recomputed, `dV += Pᵀ·dO`, `dP = dO·Vᵀ`,
+//!   `dS = P∘(dP − D)·scale` (the gradient w.r.t. the raw `q·k`), `dQ += dS·K`, `dK += dSᵀ·Q`.
+
+use std::marker::PhantomData;
+
+use candle_core::{Result, Tensor, D};
+use rayon::prelude::*;
+
+use super::gemm::{matmul, MatMut, MatRef, Par};
+
+/// Query rows per block: one block's `BQ × head_dim` accumulator and `BQ × BK` scores stay in
+/// L1/L2 while the key blocks stream past.
+const BQ: usize = 64;
+/// Key rows per block: large enough that the products amortize `gemm`'s per-call cost, small
+/// enough that causal blocks above the diagonal are skipped rather than computed and masked.
+const BK: usize = 64;
+
+/// Shape of one attention call.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionShape {
+    /// Query heads (a multiple of `kv_heads`).
+    pub heads: usize,
+    /// Key/value heads; query head `h` reads kv head `h / (heads / kv_heads)`.
+    pub kv_heads: usize,
+    /// Features per head.
+    pub head_dim: usize,
+    /// Sliding window: query `i` sees keys `j` with `i - j < w` (and `j <= i`); `None` is plain causal.
+    pub window: Option<usize>,
+    /// Factor on `q·k` before the softmax (usually `1/sqrt(head_dim)`).
+    pub scale: f32,
+}
+
+impl AttentionShape {
+    /// Query heads per kv head; panics on an inconsistent shape (an engine bug).
+    fn group(&self) -> usize {
+        assert!(
+            self.kv_heads > 0 && self.heads.is_multiple_of(self.kv_heads),
+            "heads {} not a multiple of kv_heads {}",
+            self.heads,
+            self.kv_heads
+        );
+        assert!(self.window != Some(0), "a window of 0 hides every key");
+        self.heads / self.kv_heads
+    }
+
+    /// The first key (local index) that query `i` sees.
+    fn first_key(&self, i: usize) -> usize {
+        self.window.map_or(0, |w| (i + 1).saturating_sub(w))
+    }
+
+    /// Columns `lo..hi` of the key block starting at `j0` (of `nk` keys) visible to query `i`.
+    /// Masking is just these two bounds, so only edge blocks pay for it.
+    fn visible_cols(&self, i: usize, j0: usize, nk: usize) -> (usize, usize) {
+        let hi = (i + 1).saturating_sub(j0).min(nk);
+        let lo = self.first_key(i).saturating_sub(j0).min(hi);
+        (lo, hi)
+    }
+}
+
+/// Checks the packing and every slice length against the shape; returns `N`.
+fn check(shape: &AttentionShape, cu: &[usize], q: usize, kv: usize) -> usize {
+    shape.group();
+    assert!(!cu.is_empty() && cu[0] == 0 && cu.windows(2).all(|w| w[0] <= w[1]), "bad cu_seqlens {cu:?}");
+    let n = cu[cu.len() - 1];
+    assert_eq!(q, n * shape.heads * shape.head_dim, "q-shaped slice length");
+    assert_eq!(kv, n * shape.kv_heads * shape.head_dim, "k/v-shaped slice length");
+    n
+}
+
+/// The (sequence start, length, kv head) tasks, longest sequences first so that the causal
+/// `T²` work balances better; empty sequences have no task.
+fn tasks(shape: &AttentionShape, cu: &[usize]) -> Vec<(usize, usize, usize)> {
+    let mut seqs: Vec<(usize, usize)> = cu.windows(2).map(|w| (w[0], w[1] - w[0])).filter(|s| s.1 > 0).collect();
+    seqs.sort_by_key(|s| std::cmp::Reverse(s.1));
+    seqs.iter().flat_map(|&(a, t)| (0..shape.kv_heads).map(move |g| (a, t, g))).collect()
+}
+
+/// An output buffer that parallel tasks write through a raw pointer, each at its own elements.
+///
+/// Tasks' regions are strided and interleave (heads are columns of the same rows), so no task
+/// can hold a `&mut` sub-slice without overlapping another's; they write disjoint elements
+/// through this pointer instead, while the buffer's `&mut` borrow (held by `PhantomData`) keeps
+/// every other access away for as long as the view lives.
+#[derive(Clone, Copy)]
+struct Out<'a> {
+    ptr: *mut f32,
+    len: usize,
+    _buf: PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: the pointer comes from a `&mut [f32]` that this view borrows for `'a`; writes go
+// through `Out::write`, whose callers guarantee that no two threads write the same element.
+unsafe impl Send for Out<'_> {}
+// SAFETY: as above; shared use only ever writes disjoint elements and never reads.
+unsafe impl Sync for Out<'_> {}
+
+impl<'a> Out<'a> {
+    fn new(buf: &'a mut [f32]) -> Self {
+        Self { ptr: buf.as_mut_ptr(), len: buf.len(), _buf: PhantomData }
+    }
+
+    /// Copies `src` to elements `at..at + src.len()`.
+    ///
+    /// # Safety
+    /// No other thread may write these elements while the view is shared. Tasks satisfy this
+    /// because each writes only the rows of its sequence in the columns of its own heads.
+    unsafe fn write(&self, at: usize, src: &[f32]) {
+        assert!(at + src.len() <= self.len, "write {at}+{} outside {}", src.len(), self.len);
+        // SAFETY: in bounds (checked above); disjoint from other threads' writes (caller).
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.add(at), src.len()) };
+    }
+}
+
+/// Forward: overwrites `o` (`[N, heads·head_dim]`) and `lse` (`[heads, N]`, the row
+/// logsumexp of the scaled, masked scores, kept for [`backward`]).
+///
+/// Each query block runs an online softmax over the visible key blocks (running max `m` and
+/// sum `l`, rescaling the accumulator when the max grows), so the scratch is `O(BQ·BK)` per
+/// task whatever the sequence length. Panics on mismatched slice lengths (engine bugs).
+pub fn forward(
+    shape: &AttentionShape,
+    cu_seqlens: &[usize],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: &mut [f32],
+    lse: &mut [f32],
+) {
+    let n = check(shape, cu_seqlens, q.len(), k.len());
+    assert_eq!(v.len(), k.len(), "v length");
+    assert_eq!(o.len(), q.len(), "o length");
+    assert_eq!(lse.len(), shape.heads * n, "lse length");
+    let (o, lse) = (Out::new(o), Out::new(lse));
+    tasks(shape, cu_seqlens).into_par_iter().with_max_len(1).for_each(|(a, t, g)| {
+        forward_task(shape, n, a, t, g, q, k, v, o, lse);
+    });
+}
+
+/// One (sequence, kv head) task of [`forward`]: the sequence is tokens `a..a + t`.
+#[allow(clippy::too_many_arguments)]
+fn forward_task(
+    shape: &AttentionShape,
+    n: usize,
+    a: usize,
+    t: usize,
+    g: usize,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: Out,
+    lse: Out,
+) {
+    let (d, rep) = (shape.head_dim, shape.group());
+    let (qld, kld) = (shape.heads * d, shape.kv_heads * d);
+    // Scratch for the whole task, reused by every block.
+    let mut s = vec![0f32; BQ * BK];
+    let mut acc = vec![0f32; BQ * d];
+    let mut m = [0f32; BQ];
+    let mut l = [0f32; BQ];
+    for h in g * rep..(g + 1) * rep {
+        for i0 in (0..t).step_by(BQ) {
+            let i1 = (i0 + BQ).min(t);
+            let mq = i1 - i0;
+            let qb = MatRef::block(q, qld, a + i0, mq, h * d, d);
+            let acc = &mut acc[..mq * d];
+            acc.fill(0.0);
+            m.fill(f32::NEG_INFINITY);
+            l.fill(0.0);
+            // Key blocks from the first key the block's first row sees up to its last row's
+            // diagonal: blocks wholly outside the causal window are never visited.
+            for j0 in (shape.first_key(i0)..i1).step_by(BK) {
+                let nk = (j0 + BK).min(i1) - j0;
+                let s = &mut s[..mq * nk];
+                let kb = MatRef::block(k, kld, a + j0, nk, g * d, d);
+                matmul(MatMut::new(s, mq, nk), qb, kb.t(), shape.scale, false, Par::Seq);
+                for (r, row) in s.chunks_exact_mut(nk).enumerate() {
+                    let (lo, hi) = shape.visible_cols(i0 + r, j0, nk);
+                    row[..lo].fill(0.0);
+                    row[hi..].fill(0.0);
+                    let seen = &mut row[lo..hi];
+                    if seen.is_empty() {
+                        continue; // nothing visible here: the row's running state is unchanged
+                    }
+                    let m_new = seen.iter().fold(m[r], |x, &y| x.max(y));
+                    let mut sum = 0f32;
+                    for x in seen.iter_mut() {
+                        *x = (*x - m_new).exp();
+                        sum += *x;
+                    }
+                    let alpha = (m[r] - m_new).exp(); // 0 for the first visible block (m = -inf)
+                    if alpha != 1.0 {
+                        acc[r * d..(r + 1) * d].iter_mut().for_each(|y| *y *= alpha);
+                    }
+                    l[r] = l[r] * alpha + sum;
+                    m[r] = m_new;
+                }
+                let vb = MatRef::block(v, kld, a + j0, nk, g * d, d);
+                matmul(MatMut::new(acc, mq, d), MatRef::new(s, mq, nk), vb, 1.0, true, Par::Seq);
+            }
+            // Every row sees at least its own key, so l > 0 and m is finite.
+            for (r, row) in acc.chunks_exact_mut(d).enumerate() {
+                let inv = 1.0 / l[r];
+                row.iter_mut().for_each(|y| *y *= inv);
+                m[r] += l[r].ln();
+                // SAFETY: row a+i0+r, columns of head h: this task's own elements of `o`.
+                unsafe { o.write((a + i0 + r) * qld + h * d, row) };
+            }
+            // SAFETY: lse row h, tokens a+i0..a+i1 of this task's sequence.
+            unsafe { lse.write(h * n + a + i0, &m[..mq]) };
+        }
+    }
+}
+
+/// Backward: overwrites `dq`, `dk`, `dv` (the shapes of `q`, `k`, `v`) from `d_o`, recomputing
+/// the probabilities block by block from the saved `lse` (see the plan in the module doc).
+///
+/// A task accumulates `dk`/`dv` of its kv head over all query heads of its group in
+/// task-local `[T, head_dim]` buffers, and `dq` of one query block in a `BQ × head_dim` buffer,
+/// always in the same order, then copies them out. Panics on mismatched slice lengths.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    shape: &AttentionShape,
+    cu_seqlens: &[usize],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: &[f32],
+    lse: &[f32],
+    d_o: &[f32],
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) {
+    let n = check(shape, cu_seqlens, q.len(), k.len());
+    assert_eq!(v.len(), k.len(), "v length");
+    assert!(o.len() == q.len() && d_o.len() == q.len() && dq.len() == q.len(), "o / d_o / dq length");
+    assert!(dk.len() == k.len() && dv.len() == k.len(), "dk / dv length");
+    assert_eq!(lse.len(), shape.heads * n, "lse length");
+    let (dq, dk, dv) = (Out::new(dq), Out::new(dk), Out::new(dv));
+    tasks(shape, cu_seqlens).into_par_iter().with_max_len(1).for_each(|(a, t, g)| {
+        let ins = [q, k, v, o, lse, d_o];
+        backward_task(shape, n, a, t, g, ins, [dq, dk, dv]);
+    });
+}
+
+/// One (sequence, kv head) task of [`backward`]; `ins` is `[q, k, v, o, lse, d_o]`.
+fn backward_task(shape: &AttentionShape, n: usize, a: usize, t: usize, g: usize, ins: [&[f32]; 6], outs: [Out; 3]) {
+    let [q, k, v, o, lse, d_o] = ins;
+    let [dq, dk, dv] = outs;
+    let (d, rep) = (shape.head_dim, shape.group());
+    let (qld, kld) = (shape.heads * d, shape.kv_heads * d);
+    // Scratch for the whole task, reused by every block.
+    let mut p = vec![0f32; BQ * BK];
+    let mut ds = vec![0f32; BQ * BK];
+    let mut dq_blk = vec![0f32; BQ * d];
+    let mut dk_loc = vec![0f32; t * d];
+    let mut dv_loc = vec![0f32; t * d];
+    let mut delta = [0f32; BQ];
+    for h in g * rep..(g + 1) * rep {
+        for i0 in (0..t).step_by(BQ) {
+            let i1 = (i0 + BQ).min(t);
+            let mq = i1 - i0;
+            let qb = MatRef::block(q, qld, a + i0, mq, h * d, d);
+            let dob = MatRef::block(d_o, qld, a + i0, mq, h * d, d);
+            for (r, x) in delta[..mq].iter_mut().enumerate() {
+                let at = (a + i0 + r) * qld + h * d;
+                *x = d_o[at..at + d].iter().zip(&o[at..at + d]).map(|(x, y)| x * y).sum();
+            }
+            let lse_blk = &lse[h * n + a + i0..h * n + a + i1];
+            let dq_blk = &mut dq_blk[..mq * d];
+            let mut first = true;
+            for j0 in (shape.first_key(i0)..i1).step_by(BK) {
+                let nk = (j0 + BK).min(i1) - j0;
+                let (p, ds) = (&mut p[..mq * nk], &mut ds[..mq * nk]);
+                let kb = MatRef::block(k, kld, a + j0, nk, g * d, d);
+                let vb = MatRef::block(v, kld, a + j0, nk, g * d, d);
+                // P = exp(scale·Q·Kᵀ − lse), zero where masked.
+                matmul(MatMut::new(p, mq, nk), qb, kb.t(), shape.scale, false, Par::Seq);
+                for (r, row) in p.chunks_exact_mut(nk).enumerate() {
+                    let (lo, hi) = shape.visible_cols(i0 + r, j0, nk);
+                    row[..lo].fill(0.0);
+                    row[hi..].fill(0.0);
+                    row[lo..hi].iter_mut().for_each(|x| *x = (*x - lse_blk[r]).exp());
+                }
+                // dV += Pᵀ·dO
+                let dvb = MatMut::block(&mut dv_loc, d, j0, nk, 0, d);
+                matmul(dvb, MatRef::new(p, mq, nk).t(), dob, 1.0, true, Par::Seq);
+                // dP = dO·Vᵀ, then dS = P∘(dP − D)·scale in place.
+                matmul(MatMut::new(ds, mq, nk), dob, vb.t(), 1.0, false, Par::Seq);
+                for (r, (dsr, pr)) in ds.chunks_exact_mut(nk).zip(p.chunks_exact(nk)).enumerate() {
+                    dsr.iter_mut().zip(pr).for_each(|(x, &p)| *x = p * (*x - delta[r]) * shape.scale);
+                }
+                // dQ += dS·K (the first block overwrites), dK += dSᵀ·Q.
+                let dsm = MatRef::new(ds, mq, nk);
+                matmul(MatMut::new(dq_blk, mq, d), dsm, kb, 1.0, !first, Par::Seq);
+                matmul(MatMut::block(&mut dk_loc, d, j0, nk, 0, d), dsm.t(), qb, 1.0, true, Par::Seq);
+                first = false;
+            }
+            // The key range is never empty (a query sees itself), so dq_blk was overwritten.
+            for (r, row) in dq_blk.chunks_exact(d).enumerate() {
+                // SAFETY: row a+i0+r, columns of head h: this task's own elements of `dq`.
+                unsafe { dq.write((a + i0 + r) * qld + h * d, row) };
+            }
+        }
+    }
+    for (r, (dkr, dvr)) in dk_loc.chunks_exact(d).zip(dv_loc.chunks_exact(d)).enumerate() {
+        // SAFETY: row a+r, columns of kv head g: this task's own elements of `dk` and `dv`.
+        unsafe {
+            dk.write((a + r) * kld + g * d, dkr);
+            dv.write((a + r) * kld + g * d, dvr);
+        }
+    }
+}
+
+/// Reference body in candle tensor ops (the test oracle and the non-CPU body): returns `o` as
+/// a `[N, heads·head_dim]` tensor.
+///
+/// Per sequence and head it builds the whole `[T, T]` score matrix, as transformers' eager
+/// attention does: `scores = scale·q·kᵀ + mask` (`f32::MIN` on hidden keys), a softmax in f32
+/// (f64 for f64 inputs), cast back to the input dtype, times `v`. Only differentiable candle
+/// ops are used, so candle's autograd gives the reference gradients. The row max is detached:
+/// subtracting a constant does not change the softmax or its gradient.
+pub fn reference(shape: &AttentionShape, cu_seqlens: &[usize], q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (d, rep) = (shape.head_dim, shape.group());
+    let acc = crate::accum_dtype(q.dtype());
+    let mut seqs = Vec::with_capacity(cu_seqlens.len());
+    for w in cu_seqlens.windows(2) {
+        let (a, t) = (w[0], w[1] - w[0]);
+        if t == 0 {
+            continue;
+        }
+        let mask: Vec<f32> = (0..t * t)
+            .map(|x| {
+                let (i, j) = (x / t, x % t);
+                if j <= i && j >= shape.first_key(i) {
+                    0.0
+                } else {
+                    f32::MIN
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, t), q.device())?.to_dtype(acc)?;
+        let mut heads = Vec::with_capacity(shape.heads);
+        for g in 0..shape.kv_heads {
+            let kg = k.narrow(0, a, t)?.narrow(1, g * d, d)?.contiguous()?;
+            let vg = v.narrow(0, a, t)?.narrow(1, g * d, d)?.contiguous()?;
+            for h in g * rep..(g + 1) * rep {
+                let qh = q.narrow(0, a, t)?.narrow(1, h * d, d)?.contiguous()?;
+                let scores = (qh.matmul(&kg.t()?)? * shape.scale as f64)?.to_dtype(acc)?.broadcast_add(&mask)?;
+                let max = scores.max_keepdim(D::Minus1)?.detach();
+                let e = scores.broadcast_sub(&max)?.exp()?;
+                let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.to_dtype(v.dtype())?;
+                heads.push(p.matmul(&vg)?);
+            }
+        }
+        seqs.push(Tensor::cat(&heads, 1)?);
+    }
+    if seqs.is_empty() {
+        return Tensor::zeros((0, shape.heads * d), q.dtype(), q.device());
+    }
+    Tensor::cat(&seqs, 0)
+}

@@ -1,0 +1,249 @@
+//! Safe strided matrix views over `f32` slices and one product on top of the `gemm` crate
+//! (the same micro-kernels candle's CPU matmul runs).
+//!
+//! The engine's activations live in reused buffers, so its products read and write
+//! sub-blocks of them in place: a view carries row and column strides, `t()` swaps them, and
+//! [`matmul`] checks that every element it may touch lies inside the slice before it hands
+//! raw pointers to `gemm`.
+
+/// How many threads one product may use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Par {
+    /// The calling thread only (inside a task that is already one of many).
+    Seq,
+    /// The rayon pool (a product over all tokens).
+    Pool,
+}
+
+impl Par {
+    fn get(self) -> gemm::Parallelism {
+        match self {
+            Par::Seq => gemm::Parallelism::None,
+            Par::Pool => match rayon::current_num_threads() {
+                0 | 1 => gemm::Parallelism::None,
+                n => gemm::Parallelism::Rayon(n),
+            },
+        }
+    }
+}
+
+/// A read-only `rows × cols` view: element `(i, j)` is `data[i·rs + j·cs]`.
+#[derive(Clone, Copy, Debug)]
+pub struct MatRef<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+/// A writable `rows × cols` view with the same addressing as [`MatRef`].
+#[derive(Debug)]
+pub struct MatMut<'a> {
+    data: &'a mut [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+/// Whether a view of this shape and these strides stays inside `len` elements.
+fn fits(len: usize, rows: usize, cols: usize, rs: usize, cs: usize) -> bool {
+    rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < len
+}
+
+impl<'a> MatRef<'a> {
+    /// A dense row-major `rows × cols` matrix at the start of `data`.
+    pub fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self::strided(data, rows, cols, cols, 1)
+    }
+
+    /// A view with explicit strides. Panics if it does not fit in `data` (a programming
+    /// error of the engine, never user input).
+    pub fn strided(data: &'a [f32], rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
+        assert!(
+            fits(data.len(), rows, cols, rs, cs),
+            "matrix view {rows}x{cols} (strides {rs},{cs}) outside {}",
+            data.len()
+        );
+        Self { data, rows, cols, rs, cs }
+    }
+
+    /// Columns `c0..c0 + n` of a row-major matrix whose rows are `ld` apart, rows `r0..r0 + m`.
+    pub fn block(data: &'a [f32], ld: usize, r0: usize, m: usize, c0: usize, n: usize) -> Self {
+        let start = (r0 * ld + c0).min(data.len());
+        Self::strided(&data[start..], m, n, ld, 1)
+    }
+
+    /// The transpose (no copy).
+    pub fn t(self) -> Self {
+        Self { rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs, data: self.data }
+    }
+
+    /// Rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+}
+
+impl<'a> MatMut<'a> {
+    /// A dense row-major `rows × cols` matrix at the start of `data`.
+    pub fn new(data: &'a mut [f32], rows: usize, cols: usize) -> Self {
+        Self::strided(data, rows, cols, cols, 1)
+    }
+
+    /// A view with explicit strides; panics if it does not fit in `data`.
+    pub fn strided(data: &'a mut [f32], rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
+        assert!(
+            fits(data.len(), rows, cols, rs, cs),
+            "matrix view {rows}x{cols} (strides {rs},{cs}) outside {}",
+            data.len()
+        );
+        Self { data, rows, cols, rs, cs }
+    }
+
+    /// Columns `c0..c0 + n`, rows `r0..r0 + m` of a row-major matrix whose rows are `ld` apart.
+    pub fn block(data: &'a mut [f32], ld: usize, r0: usize, m: usize, c0: usize, n: usize) -> Self {
+        let start = (r0 * ld + c0).min(data.len());
+        Self::strided(&mut data[start..], m, n, ld, 1)
+    }
+
+    /// The transpose (no copy).
+    pub fn t(self) -> Self {
+        Self { rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs, data: self.data }
+    }
+
+    /// Adds `v` (one value per column) to every row: a frozen bias.
+    pub fn add_row_vector(&mut self, v: &[f32]) {
+        assert_eq!(v.len(), self.cols, "bias of {} values for {} columns", v.len(), self.cols);
+        for i in 0..self.rows {
+            for (j, &b) in v.iter().enumerate() {
+                self.data[i * self.rs + j * self.cs] += b;
+            }
+        }
+    }
+
+    /// A shorter-lived view of the same elements (to pass to [`matmul`] and keep this one).
+    pub fn rb(&mut self) -> MatMut<'_> {
+        MatMut { data: self.data, rows: self.rows, cols: self.cols, rs: self.rs, cs: self.cs }
+    }
+
+    /// The same elements, read-only.
+    pub fn as_ref(&self) -> MatRef<'_> {
+        MatRef { data: self.data, rows: self.rows, cols: self.cols, rs: self.rs, cs: self.cs }
+    }
+}
+
+/// `dst = (accumulate ? dst : 0) + alpha · a · b`.
+///
+/// Panics on mismatched shapes (an engine bug). With `accumulate == false` the previous
+/// contents of `dst` are never read, so it may hold garbage from an earlier use.
+pub fn matmul(dst: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, alpha: f32, accumulate: bool, par: Par) {
+    assert!(
+        a.cols == b.rows && dst.rows == a.rows && dst.cols == b.cols,
+        "matmul shapes: {}x{} = {}x{} · {}x{}",
+        dst.rows,
+        dst.cols,
+        a.rows,
+        a.cols,
+        b.rows,
+        b.cols
+    );
+    let (m, n, k) = (dst.rows, dst.cols, a.cols);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    dst.data[i * dst.rs + j * dst.cs] = 0.0;
+                }
+            }
+        }
+        return;
+    }
+    // SAFETY: `fits` was checked for all three views when they were made, so every index
+    // (i·rs + j·cs) the product touches is inside its slice; `dst` is borrowed mutably, so
+    // it cannot alias `a` or `b`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.data.as_mut_ptr(),
+            dst.cs as isize,
+            dst.rs as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            alpha,
+            false,
+            false,
+            false,
+            par.get(),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+        let mut out = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn products_of_views_transposes_blocks_and_accumulation() {
+        let (m, k, n) = (5, 7, 3);
+        let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.11).cos()).collect();
+        let want = naive(&a, &b, m, k, n);
+        let mut out = vec![f32::NAN; m * n];
+        matmul(MatMut::new(&mut out, m, n), MatRef::new(&a, m, k), MatRef::new(&b, k, n), 1.0, false, Par::Pool);
+        for (x, y) in out.iter().zip(&want) {
+            assert!((x - y).abs() < 1e-5);
+        }
+        // bᵀ stored as n×k, read through t(); accumulate twice the product into a block of a wider buffer.
+        let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+        let mut wide = vec![1f32; m * 10];
+        matmul(
+            MatMut::block(&mut wide, 10, 0, m, 4, n),
+            MatRef::new(&a, m, k),
+            MatRef::new(&bt, n, k).t(),
+            2.0,
+            true,
+            Par::Seq,
+        );
+        for i in 0..m {
+            for j in 0..10 {
+                let expect = if (4..4 + n).contains(&j) { 1.0 + 2.0 * want[i * n + j - 4] } else { 1.0 };
+                assert!((wide[i * 10 + j] - expect).abs() < 1e-5, "({i},{j})");
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "outside")]
+    fn a_view_past_its_slice_is_refused() {
+        let a = vec![0f32; 10];
+        let _ = MatRef::new(&a, 3, 4);
+    }
+}

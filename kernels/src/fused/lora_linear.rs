@@ -1,0 +1,247 @@
+//! The LoRA linear: `y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ` with a frozen `W`, forward and backward.
+//!
+//! Everything LoRA-specific stays r wide: the forward saves `u = drop(x)·Aᵀ` (`[N, r]`) for
+//! dB, and the backward forms `t = dY·B` once and uses it for both dA and dX, so `B·A` (a
+//! weight-sized matrix) is never formed (unsloth's chain order). The dropout mask is not a
+//! tensor: it is regenerated from its key (one counter-based stream per sequence, layer and
+//! module) wherever it is needed, in the same order as the keyed masks of the reference model
+//! (`worker::dropout`), so both paths drop the same elements.
+
+use super::gemm::{matmul, MatMut, MatRef, Par};
+use candle_core::{Result, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+/// A frozen `[out, in]` weight and optional bias, as transformers stores them.
+#[derive(Clone, Copy, Debug)]
+pub struct Frozen<'a> {
+    /// `[out, in]`, row-major.
+    pub w: &'a [f32],
+    /// `[out]`.
+    pub bias: Option<&'a [f32]>,
+    /// Output features.
+    pub out: usize,
+    /// Input features.
+    pub inp: usize,
+}
+
+/// LoRA dropout of one module: probability `p`, one key per packed sequence.
+#[derive(Clone, Copy, Debug)]
+pub struct Dropout<'a> {
+    /// Probability of dropping an element.
+    pub p: f32,
+    /// The factor kept elements are scaled by, `1 / (1 − p)` rounded once from the
+    /// configured (f64) probability, as the reference model rounds it.
+    pub keep: f32,
+    /// The key of each sequence's mask stream.
+    pub keys: &'a [u64],
+    /// Sequence boundaries in tokens (`keys.len() + 1` entries).
+    pub cu_seqlens: &'a [usize],
+}
+
+impl Dropout<'_> {
+    /// Multiplies `buf` (`[N, features]`) in place by the mask: 0 with probability `p`, else
+    /// `1 / (1 − p)`. Element `(t, f)` of sequence s is draw `t·features + f` of stream
+    /// `keys[s]`, which is what the reference model's `[rows, seq, features]` mask holds for
+    /// the unpadded prefix of each row.
+    pub fn apply(&self, buf: &mut [f32], features: usize) {
+        assert_eq!(self.keys.len() + 1, self.cu_seqlens.len(), "one dropout key per sequence");
+        let (p, keep) = (self.p, self.keep);
+        let mut parts = Vec::with_capacity(self.keys.len());
+        let mut rest = &mut buf[..];
+        for w in self.cu_seqlens.windows(2) {
+            let (head, tail) = rest.split_at_mut((w[1] - w[0]) * features);
+            parts.push(head);
+            rest = tail;
+        }
+        parts.into_par_iter().zip(self.keys.par_iter()).for_each(|(part, &key)| {
+            let mut rng = ChaCha8Rng::seed_from_u64(key);
+            for v in part.iter_mut() {
+                *v = if rng.random::<f32>() < p { 0.0 } else { *v * keep };
+            }
+        });
+    }
+}
+
+/// The trainable side of one module.
+#[derive(Clone, Copy, Debug)]
+pub struct Adapter<'a> {
+    /// `[r, in]`.
+    pub a: &'a [f32],
+    /// `[out, r]`.
+    pub b: &'a [f32],
+    /// The rank r.
+    pub rank: usize,
+    /// alpha / r (or alpha / √r).
+    pub scale: f32,
+    /// Dropout on the branch input, if any.
+    pub dropout: Option<Dropout<'a>>,
+}
+
+/// Reused buffers of the LoRA branch: `drop(x)` and the r-wide `t = dY·B`.
+#[derive(Default)]
+pub struct Scratch {
+    dropped: Vec<f32>,
+    low: Vec<f32>,
+}
+
+fn sized(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if buf.len() < n {
+        buf.resize(n, 0.0);
+    }
+    &mut buf[..n]
+}
+
+/// `drop(x)` into `scratch` (a copy with the mask applied), or `x` itself without dropout.
+fn dropped<'s>(x: &'s [f32], inp: usize, dropout: Option<&Dropout<'_>>, scratch: &'s mut Vec<f32>) -> &'s [f32] {
+    match dropout {
+        Some(d) if d.p > 0.0 => {
+            let buf = sized(scratch, x.len());
+            buf.copy_from_slice(x);
+            d.apply(buf, inp);
+            buf
+        }
+        _ => x,
+    }
+}
+
+/// Forward of one module over `x` `[N, in]`: overwrites `y` (`[N, out]`, any strides) with
+/// `x·Wᵀ + b + s·u·Bᵀ` and `u` (`[N, r]`) with `drop(x)·Aᵀ`.
+pub fn forward(
+    x: &[f32],
+    w: &Frozen<'_>,
+    lora: Option<&Adapter<'_>>,
+    mut y: MatMut<'_>,
+    u: &mut [f32],
+    scratch: &mut Scratch,
+) {
+    let n = x.len() / w.inp;
+    let xm = MatRef::new(x, n, w.inp);
+    matmul(y.rb(), xm, MatRef::new(w.w, w.out, w.inp).t(), 1.0, false, Par::Pool);
+    if let Some(b) = w.bias {
+        y.add_row_vector(b);
+    }
+    if let Some(l) = lora {
+        let xd = dropped(x, w.inp, l.dropout.as_ref(), &mut scratch.dropped);
+        let u = &mut u[..n * l.rank];
+        matmul(
+            MatMut::new(u, n, l.rank),
+            MatRef::new(xd, n, w.inp),
+            MatRef::new(l.a, l.rank, w.inp).t(),
+            1.0,
+            false,
+            Par::Pool,
+        );
+        matmul(y, MatRef::new(u, n, l.rank), MatRef::new(l.b, w.out, l.rank).t(), l.scale, true, Par::Pool);
+    }
+}
+
+/// Gradient sums of one module's LoRA pair, added into by [`backward`].
+pub struct PairGrads<'a> {
+    /// `[r, in]`.
+    pub da: &'a mut [f32],
+    /// `[out, r]`.
+    pub db: &'a mut [f32],
+}
+
+impl PairGrads<'_> {
+    /// A shorter-lived handle on the same sums.
+    pub fn reborrow(&mut self) -> PairGrads<'_> {
+        PairGrads { da: &mut *self.da, db: &mut *self.db }
+    }
+}
+
+/// Backward of one module: `dx (+)= dY·W + s·((dY·B)·A)∘mask` (overwritten unless
+/// `accumulate`; skipped when `dx` is `None`, below the lowest trainable block),
+/// `dA += s·(dY·B)ᵀ·drop(x)`, `dB += s·dYᵀ·u`. No gradient for `W` or `b`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    x: &[f32],
+    w: &Frozen<'_>,
+    lora: Option<(&Adapter<'_>, PairGrads<'_>)>,
+    dy: MatRef<'_>,
+    u: &[f32],
+    mut dx: Option<&mut [f32]>,
+    accumulate: bool,
+    scratch: &mut Scratch,
+) {
+    let n = x.len() / w.inp;
+    if let Some(dx) = dx.as_deref_mut() {
+        matmul(MatMut::new(dx, n, w.inp), dy, MatRef::new(w.w, w.out, w.inp), 1.0, accumulate, Par::Pool);
+    }
+    let Some((l, g)) = lora else { return };
+    let r = l.rank;
+    let low = sized(&mut scratch.low, n * r);
+    // t = dY·B, [N, r]
+    matmul(MatMut::new(low, n, r), dy, MatRef::new(l.b, w.out, r), 1.0, false, Par::Pool);
+    // dB += s·dYᵀ·u
+    matmul(MatMut::new(g.db, w.out, r), dy.t(), MatRef::new(&u[..n * r], n, r), l.scale, true, Par::Pool);
+    let low = &scratch.low[..n * r];
+    let xd = dropped(x, w.inp, l.dropout.as_ref(), &mut scratch.dropped);
+    // dA += s·tᵀ·drop(x)
+    matmul(
+        MatMut::new(g.da, r, w.inp),
+        MatRef::new(low, n, r).t(),
+        MatRef::new(xd, n, w.inp),
+        l.scale,
+        true,
+        Par::Pool,
+    );
+    let Some(dx) = dx else { return };
+    match l.dropout.as_ref().filter(|d| d.p > 0.0) {
+        // dx += s·(t·A)∘mask: the product goes through the dropped buffer (free again).
+        Some(d) => {
+            let z = sized(&mut scratch.dropped, n * w.inp);
+            matmul(
+                MatMut::new(z, n, w.inp),
+                MatRef::new(low, n, r),
+                MatRef::new(l.a, r, w.inp),
+                l.scale,
+                false,
+                Par::Pool,
+            );
+            d.apply(z, w.inp);
+            dx.par_chunks_mut(w.inp.max(1) * 64).zip(z.par_chunks(w.inp.max(1) * 64)).for_each(|(o, z)| {
+                for (o, z) in o.iter_mut().zip(z) {
+                    *o += z;
+                }
+            });
+        }
+        None => matmul(
+            MatMut::new(dx, n, w.inp),
+            MatRef::new(low, n, r),
+            MatRef::new(l.a, r, w.inp),
+            l.scale,
+            true,
+            Par::Pool,
+        ),
+    }
+}
+
+/// Reference body: the same maths in candle tensor ops, with the mask materialised from the
+/// same keyed streams. `x` `[N, in]`, `w` `[out, in]`, `a` `[r, in]`, `b` `[out, r]`.
+pub fn reference(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    lora: Option<(&Tensor, &Tensor, f64, Option<&Dropout<'_>>)>,
+) -> Result<Tensor> {
+    let mut y = x.matmul(&w.t()?)?;
+    if let Some(b) = bias {
+        y = y.broadcast_add(b)?;
+    }
+    if let Some((a, b, scale, dropout)) = lora {
+        let (n, inp) = x.dims2()?;
+        let xd = match dropout {
+            Some(d) if d.p > 0.0 => {
+                let mut mask = vec![1f32; n * inp];
+                d.apply(&mut mask, inp);
+                (x * Tensor::from_vec(mask, (n, inp), x.device())?)?
+            }
+            _ => x.clone(),
+        };
+        y = (y + (xd.matmul(&a.t()?)?.matmul(&b.t()?)? * scale)?)?;
+    }
+    Ok(y)
+}

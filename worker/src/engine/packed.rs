@@ -1,0 +1,92 @@
+//! A padded batch turned into packed sequences: the engine never computes on padding.
+//!
+//! Rows are right-padded (`Batch`), so a row's real tokens are a prefix; they are laid back
+//! to back (flash-attention's varlen layout: `cu_seqlens`), positions restart at 0 in each
+//! sequence, and the scored positions are re-indexed into the packed tokens. A row whose
+//! mask is not a prefix of ones cannot be packed this way and is refused.
+
+use crate::error::{Error, Result};
+use lorafleet_common::{Batch, IGNORE_INDEX};
+
+/// The packed form of one micro-batch.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct Packed {
+    /// Sequence boundaries: sequence s is tokens `cu_seqlens[s]..cu_seqlens[s + 1]`.
+    pub cu_seqlens: Vec<usize>,
+    /// Token ids, `[N]`.
+    pub ids: Vec<u32>,
+    /// Position of each token within its sequence (the RoPE angle index).
+    pub positions: Vec<u32>,
+    /// Packed indices of the tokens whose output is scored.
+    pub scored: Vec<usize>,
+    /// The target of each scored token.
+    pub targets: Vec<u32>,
+    /// Each sequence's global example index (the key of its dropout masks).
+    pub examples: Vec<u64>,
+}
+
+impl Packed {
+    /// Packs `batch`; rows without any real token are left out.
+    pub(crate) fn new(batch: &Batch) -> Result<Self> {
+        let mut p = Packed { cu_seqlens: vec![0], ..Default::default() };
+        for r in 0..batch.rows {
+            let row = r * batch.seq_len..(r + 1) * batch.seq_len;
+            let mask = &batch.attention_mask[row.clone()];
+            let len = mask.iter().take_while(|&&m| m != 0).count();
+            if mask[len..].iter().any(|&m| m != 0) {
+                return Err(Error::Invalid(format!("batch row {r}: the attention mask is not right padding")));
+            }
+            if len == 0 {
+                continue;
+            }
+            let labels = &batch.labels[row.clone()];
+            if let Some(t) = (len..batch.seq_len).find(|&t| t > len && labels[t] != IGNORE_INDEX) {
+                return Err(Error::Invalid(format!("batch row {r}: a label at padding position {t}")));
+            }
+            let base = p.ids.len();
+            p.ids.extend_from_slice(&batch.input_ids[row.start..row.start + len]);
+            p.positions.extend(0..len as u32);
+            for t in 0..batch.seq_len.saturating_sub(1).min(len) {
+                let label = labels[t + 1];
+                if label != IGNORE_INDEX {
+                    p.scored.push(base + t);
+                    p.targets.push(label as u32);
+                }
+            }
+            p.cu_seqlens.push(p.ids.len());
+            p.examples.push(batch.example_ids[r]);
+        }
+        Ok(p)
+    }
+
+    /// Number of real tokens.
+    pub(crate) fn tokens(&self) -> usize {
+        self.ids.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn padding_is_dropped_and_scored_positions_follow_the_tokens() {
+        let rows = vec![(vec![1, 5, 6, 7], vec![-100, -100, 6, 7]), (vec![], vec![]), (vec![1, 9], vec![-100, 9])];
+        let b = Batch::from_rows(&rows, vec![10, 11, 12], 3, 8);
+        let p = Packed::new(&b).unwrap();
+        assert_eq!(p.cu_seqlens, vec![0, 4, 6]);
+        assert_eq!(p.ids, vec![1, 5, 6, 7, 1, 9]);
+        assert_eq!(p.positions, vec![0, 1, 2, 3, 0, 1]);
+        assert_eq!(p.examples, vec![10, 12]);
+        // The batch scores rows·seq_len + t for t = 1, 2 (row 0) and t = 0 (row 2).
+        assert_eq!(b.scored_positions().1, p.targets);
+        assert_eq!(p.scored, vec![1, 2, 4]);
+    }
+
+    #[test]
+    fn a_mask_with_a_hole_is_refused() {
+        let mut b = Batch::from_rows(&[(vec![1, 2, 3], vec![-100, 2, 3])], vec![0], 0, 4);
+        b.attention_mask[1] = 0;
+        assert!(Packed::new(&b).is_err());
+    }
+}

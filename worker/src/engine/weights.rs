@@ -1,0 +1,116 @@
+//! Borrowed host views of the frozen weights and the LoRA parameters, for one step.
+//!
+//! The engine reads candle's CPU storage in place (no copy of the model): every tensor's
+//! read guard is taken once per micro-batch and the slices live as long as the guards.
+
+use crate::error::{Error, Result};
+use crate::lora::LoraAdapter;
+use crate::model::{BaseLinear, Llama};
+use candle_core::{CpuStorage, Storage, Tensor};
+use lorafleet_common::peft::LINEAR_MODULES;
+use lorafleet_kernels::fused::lora_linear::Frozen;
+use std::ops::Deref;
+
+/// A held read guard on one contiguous f32 CPU tensor.
+pub(crate) struct Held<'t> {
+    guard: Box<dyn Deref<Target = Storage> + 't>,
+    start: usize,
+    len: usize,
+}
+
+impl<'t> Held<'t> {
+    /// Takes the guard; `None` unless the tensor is contiguous f32 on the CPU.
+    pub(crate) fn new(t: &'t Tensor) -> Option<Self> {
+        let (guard, layout) = t.storage_and_layout();
+        let ok = matches!(&*guard, Storage::Cpu(CpuStorage::F32(_))) && layout.is_contiguous();
+        let (start, len) = (layout.start_offset(), t.elem_count());
+        ok.then(|| Self { guard: Box::new(guard), start, len })
+    }
+
+    /// The values.
+    pub(crate) fn slice(&self) -> &[f32] {
+        match &**self.guard {
+            Storage::Cpu(CpuStorage::F32(v)) => &v[self.start..self.start + self.len],
+            _ => unreachable!("checked in Held::new"),
+        }
+    }
+}
+
+/// The frozen tensors of the model in a fixed walk order, for [`ModelWeights::new`].
+fn frozen_tensors(model: &Llama) -> Option<Vec<&Tensor>> {
+    let (embed, blocks, norm, head, rope) = model.parts();
+    let mut out = vec![embed, norm.weight(), head.weight(), rope.tables().0, rope.tables().1];
+    for b in blocks {
+        out.extend([b.input_norm.weight(), b.post_norm.weight()]);
+        for l in &b.linears {
+            let BaseLinear::Dense(l) = l else { return None };
+            out.push(l.weight());
+            out.extend(l.bias());
+        }
+    }
+    Some(out)
+}
+
+/// Guards over every frozen tensor; `None` when the model is not dense f32 on the CPU (the
+/// engine's CPU bodies cover that case; others run the reference model).
+pub(crate) fn hold_model(model: &Llama) -> Option<Vec<Held<'_>>> {
+    frozen_tensors(model)?.into_iter().map(Held::new).collect()
+}
+
+/// Guards over every LoRA parameter in `named_vars` order (A then B per module).
+pub(crate) fn hold_adapter(adapter: &LoraAdapter) -> Result<Vec<Held<'_>>> {
+    adapter
+        .named_vars()
+        .into_iter()
+        .map(|(name, v)| {
+            Held::new(v.as_tensor())
+                .ok_or_else(|| Error::Invalid(format!("LoRA parameter {name} is not f32 on the CPU")))
+        })
+        .collect()
+}
+
+/// One block's frozen weights.
+pub(crate) struct BlockWeights<'a> {
+    pub norm1: &'a [f32],
+    pub norm2: &'a [f32],
+    /// q, k, v, o, gate, up, down.
+    pub lin: Vec<Frozen<'a>>,
+}
+
+/// The whole model's frozen weights as slices.
+pub(crate) struct ModelWeights<'a> {
+    pub embed: &'a [f32],
+    pub norm: &'a [f32],
+    pub head: &'a [f32],
+    pub cos: &'a [f32],
+    pub sin: &'a [f32],
+    pub blocks: Vec<BlockWeights<'a>>,
+}
+
+impl<'a> ModelWeights<'a> {
+    /// Slices of `held` (from [`hold_model`] on the same model), in its walk order.
+    pub(crate) fn new(model: &Llama, held: &'a [Held<'_>]) -> Self {
+        let mut it = held.iter().map(Held::slice);
+        let mut next = || it.next().expect("hold_model walks the same tensors");
+        let (embed, norm, head, cos, sin) = (next(), next(), next(), next(), next());
+        let c = model.config();
+        let blocks = model
+            .parts()
+            .1
+            .iter()
+            .map(|b| {
+                let (norm1, norm2) = (next(), next());
+                let lin = (0..LINEAR_MODULES.len())
+                    .map(|m| {
+                        let (inp, out) = crate::lora::module_shape(c, m);
+                        let w = next();
+                        let bias = matches!(&b.linears[m], BaseLinear::Dense(l) if l.bias().is_some()).then(&mut next);
+                        Frozen { w, bias, out, inp }
+                    })
+                    .collect();
+                BlockWeights { norm1, norm2, lin }
+            })
+            .collect();
+        Self { embed, norm, head, cos, sin, blocks }
+    }
+}
