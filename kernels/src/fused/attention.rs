@@ -202,12 +202,9 @@ fn forward_task(
                         continue; // nothing visible here: the row's running state is unchanged
                     }
                     let m_new = seen.iter().fold(m[r], |x, &y| x.max(y));
-                    let mut sum = 0f32;
-                    for x in seen.iter_mut() {
-                        *x = (*x - m_new).exp();
-                        sum += *x;
-                    }
-                    let alpha = (m[r] - m_new).exp(); // 0 for the first visible block (m = -inf)
+                    super::math::exp_shifted(seen, m_new);
+                    let sum: f32 = seen.iter().sum();
+                    let alpha = super::math::exp(m[r] - m_new); // 0 for the first visible block (m = -inf)
                     if alpha != 1.0 {
                         acc[r * d..(r + 1) * d].iter_mut().for_each(|y| *y *= alpha);
                     }
@@ -300,7 +297,7 @@ fn backward_task(shape: &AttentionShape, n: usize, a: usize, t: usize, g: usize,
                     let (lo, hi) = shape.visible_cols(i0 + r, j0, nk);
                     row[..lo].fill(0.0);
                     row[hi..].fill(0.0);
-                    row[lo..hi].iter_mut().for_each(|x| *x = (*x - lse_blk[r]).exp());
+                    super::math::exp_shifted(&mut row[lo..hi], lse_blk[r]);
                 }
                 // dV += Pᵀ·dO
                 let dvb = MatMut::block(&mut dv_loc, d, j0, nk, 0, d);

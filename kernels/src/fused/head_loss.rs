@@ -39,8 +39,8 @@ fn row_loss_and_grad(z: &mut [f32], target: usize) -> f32 {
     let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let zt = z[target];
     let mut sum = 0f64;
-    for v in z.iter_mut() {
-        *v = (*v - max).exp();
+    super::math::exp_shifted(z, max);
+    for v in z.iter() {
         sum += f64::from(*v);
     }
     let inv = (1.0 / sum) as f32;

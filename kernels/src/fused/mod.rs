@@ -13,6 +13,7 @@ pub mod attention;
 pub mod gemm;
 pub mod head_loss;
 pub mod lora_linear;
+pub mod math;
 pub mod rms_norm;
 pub mod rope;
 pub mod swiglu;

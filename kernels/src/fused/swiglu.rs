@@ -35,7 +35,7 @@ pub fn forward(eg: &[f32], f: usize, m: &mut [f32]) {
     let row = |(m, eg): (&mut [f32], &[f32])| {
         let (e, g) = eg.split_at(f);
         for ((o, &e), &g) in m.iter_mut().zip(e).zip(g) {
-            *o = e / (1.0 + (-e).exp()) * g;
+            *o = e / (1.0 + super::math::exp(-e)) * g;
         }
     };
     if m.len() / f >= PAR_ROWS {
@@ -58,7 +58,7 @@ pub fn backward(eg: &[f32], f: usize, dm: &[f32], deg: &mut [f32]) {
         let (e, g) = eg.split_at(f);
         let (de, dg) = deg.split_at_mut(f);
         for ((((de, dg), &e), &g), &d) in de.iter_mut().zip(dg).zip(e).zip(g).zip(dm) {
-            let denom = 1.0 + (-e).exp();
+            let denom = 1.0 + super::math::exp(-e);
             let (sig, silu) = (1.0 / denom, e / denom);
             *de = d * g * sig * (1.0 + e * (1.0 - sig));
             *dg = d * silu;

@@ -5,6 +5,7 @@
 //! gradient of its input in place and adding the seven LoRA pairs' gradients. Nothing here
 //! allocates once the buffers have their batch shape.
 
+use super::profile::{time, Op};
 use super::weights::BlockWeights;
 use lorafleet_kernels::fused::attention::{self, AttentionShape};
 use lorafleet_kernels::fused::gemm::{MatMut, MatRef};
@@ -100,47 +101,41 @@ pub(crate) fn forward(
     let (n, d, f) = (ctx.tokens(), ctx.hidden, ctx.intermediate);
     let (qw, kvw) = (ctx.q_width(), ctx.kv_width());
     let a = acts;
-    rms_norm::forward(x, w.norm1, ctx.eps, fit(&mut a.x1, n * d), fit(&mut a.rstd1, n));
+    time(Op::Norm, || rms_norm::forward(x, w.norm1, ctx.eps, fit(&mut a.x1, n * d), fit(&mut a.rstd1, n)));
     for (m, buf, width) in [(Q, &mut a.q, qw), (K, &mut a.k, kvw), (V, &mut a.v, kvw)] {
         let rank = lora[m].map_or(0, |l| l.rank);
         let y = MatMut::new(fit(buf, n * width), n, width);
-        lora_linear::forward(&a.x1, &w.lin[m], lora[m].as_ref(), y, fit(&mut a.u[m], n * rank), scratch);
+        time(Op::LinearForward, || {
+            lora_linear::forward(&a.x1, &w.lin[m], lora[m].as_ref(), y, fit(&mut a.u[m], n * rank), scratch)
+        });
     }
     let hd = ctx.attention.head_dim;
-    rope::apply(&mut a.q, qw, 0, ctx.attention.heads, hd, ctx.positions, ctx.cos, ctx.sin, false);
-    rope::apply(&mut a.k, kvw, 0, ctx.attention.kv_heads, hd, ctx.positions, ctx.cos, ctx.sin, false);
+    time(Op::Rope, || rope::apply(&mut a.q, qw, 0, ctx.attention.heads, hd, ctx.positions, ctx.cos, ctx.sin, false));
+    time(Op::Rope, || {
+        rope::apply(&mut a.k, kvw, 0, ctx.attention.kv_heads, hd, ctx.positions, ctx.cos, ctx.sin, false)
+    });
     let heads = ctx.attention.heads;
-    attention::forward(
-        &ctx.attention,
-        ctx.cu_seqlens,
-        &a.q,
-        &a.k,
-        &a.v,
-        fit(&mut a.o, n * qw),
-        fit(&mut a.lse, heads * n),
-    );
+    let (o, lse) = (fit(&mut a.o, n * qw), fit(&mut a.lse, heads * n));
+    time(Op::AttentionForward, || attention::forward(&ctx.attention, ctx.cu_seqlens, &a.q, &a.k, &a.v, o, lse));
     let rank = lora[O].map_or(0, |l| l.rank);
     let h1 = fit(&mut a.h1, n * d);
-    lora_linear::forward(&a.o, &w.lin[O], lora[O].as_ref(), MatMut::new(h1, n, d), fit(&mut a.u[O], n * rank), scratch);
-    add_into(h1, x);
-    rms_norm::forward(h1, w.norm2, ctx.eps, fit(&mut a.x2, n * d), fit(&mut a.rstd2, n));
+    let (y, u) = (MatMut::new(h1, n, d), fit(&mut a.u[O], n * rank));
+    time(Op::LinearForward, || lora_linear::forward(&a.o, &w.lin[O], lora[O].as_ref(), y, u, scratch));
+    time(Op::Residual, || add_into(h1, x));
+    time(Op::Norm, || rms_norm::forward(h1, w.norm2, ctx.eps, fit(&mut a.x2, n * d), fit(&mut a.rstd2, n)));
     let eg = fit(&mut a.eg, n * 2 * f);
     for (m, c0) in [(GATE, 0), (UP, f)] {
         let rank = lora[m].map_or(0, |l| l.rank);
         let y = MatMut::block(eg, 2 * f, 0, n, c0, f);
-        lora_linear::forward(&a.x2, &w.lin[m], lora[m].as_ref(), y, fit(&mut a.u[m], n * rank), scratch);
+        time(Op::LinearForward, || {
+            lora_linear::forward(&a.x2, &w.lin[m], lora[m].as_ref(), y, fit(&mut a.u[m], n * rank), scratch)
+        });
     }
-    swiglu::forward(eg, f, fit(&mut a.m, n * f));
+    time(Op::Swiglu, || swiglu::forward(eg, f, fit(&mut a.m, n * f)));
     let rank = lora[DOWN].map_or(0, |l| l.rank);
-    lora_linear::forward(
-        &a.m,
-        &w.lin[DOWN],
-        lora[DOWN].as_ref(),
-        MatMut::new(out, n, d),
-        fit(&mut a.u[DOWN], n * rank),
-        scratch,
-    );
-    add_into(out, &a.h1);
+    let (y, u) = (MatMut::new(out, n, d), fit(&mut a.u[DOWN], n * rank));
+    time(Op::LinearForward, || lora_linear::forward(&a.m, &w.lin[DOWN], lora[DOWN].as_ref(), y, u, scratch));
+    time(Op::Residual, || add_into(out, &a.h1));
 }
 
 /// Backward of one block. On entry `dout` holds the gradient of the block's output; on
@@ -162,62 +157,57 @@ pub(crate) fn backward(
     let (qw, kvw) = (ctx.q_width(), ctx.kv_width());
     // out = h1 + down(m): the residual passes dout to h1 unchanged; down gets dy = dout.
     let dm = fit(&mut g.dm, n * f);
-    lora_linear::backward(
-        &a.m,
-        &w.lin[DOWN],
-        pair(lora, grads, DOWN),
-        MatRef::new(dout, n, d),
-        &a.u[DOWN],
-        Some(dm),
-        false,
-        &mut g.lora,
-    );
+    let dy = MatRef::new(dout, n, d);
+    time(Op::LinearBackward, || {
+        lora_linear::backward(&a.m, &w.lin[DOWN], pair(lora, grads, DOWN), dy, &a.u[DOWN], Some(dm), false, &mut g.lora)
+    });
     // m = silu(e)·g
-    swiglu::backward(&a.eg, f, &g.dm, fit(&mut g.deg, n * 2 * f));
+    time(Op::Swiglu, || swiglu::backward(&a.eg, f, &g.dm, fit(&mut g.deg, n * 2 * f)));
     // e|g = gate|up(x2): dx2 = de·W_gate + dg·W_up (+ LoRA)
     let dx2 = fit(&mut g.dx, n * d);
     for (i, (m, c0)) in [(GATE, 0), (UP, f)].into_iter().enumerate() {
         let dy = MatRef::block(&g.deg, 2 * f, 0, n, c0, f);
-        lora_linear::backward(&a.x2, &w.lin[m], pair(lora, grads, m), dy, &a.u[m], Some(&mut *dx2), i > 0, &mut g.lora);
+        time(Op::LinearBackward, || {
+            lora_linear::backward(
+                &a.x2,
+                &w.lin[m],
+                pair(lora, grads, m),
+                dy,
+                &a.u[m],
+                Some(&mut *dx2),
+                i > 0,
+                &mut g.lora,
+            )
+        });
     }
     // x2 = norm2(h1): dh1 = dout + norm2ᵀ(dx2)
-    rms_norm::backward(&g.dx, &a.h1, w.norm2, &a.rstd2, dout);
+    time(Op::Norm, || rms_norm::backward(&g.dx, &a.h1, w.norm2, &a.rstd2, dout));
     // h1 = x + o(attn): dx gets dh1 through the residual (dout already holds it); o gets dy = dh1.
     let d_o = fit(&mut g.d_o, n * qw);
-    lora_linear::backward(
-        &a.o,
-        &w.lin[O],
-        pair(lora, grads, O),
-        MatRef::new(dout, n, d),
-        &a.u[O],
-        Some(d_o),
-        false,
-        &mut g.lora,
-    );
+    let dy = MatRef::new(dout, n, d);
+    time(Op::LinearBackward, || {
+        lora_linear::backward(&a.o, &w.lin[O], pair(lora, grads, O), dy, &a.u[O], Some(d_o), false, &mut g.lora)
+    });
     let (dq, dk, dv) = (fit(&mut g.dq, n * qw), fit(&mut g.dk, n * kvw), fit(&mut g.dv, n * kvw));
-    attention::backward(&ctx.attention, ctx.cu_seqlens, &a.q, &a.k, &a.v, &a.o, &a.lse, &g.d_o, dq, dk, dv);
+    time(Op::AttentionBackward, || {
+        attention::backward(&ctx.attention, ctx.cu_seqlens, &a.q, &a.k, &a.v, &a.o, &a.lse, &g.d_o, dq, dk, dv)
+    });
     // q, k were rotated in place: the backward rotates their gradients back.
     let hd = ctx.attention.head_dim;
-    rope::apply(dq, qw, 0, ctx.attention.heads, hd, ctx.positions, ctx.cos, ctx.sin, true);
-    rope::apply(dk, kvw, 0, ctx.attention.kv_heads, hd, ctx.positions, ctx.cos, ctx.sin, true);
+    time(Op::Rope, || rope::apply(dq, qw, 0, ctx.attention.heads, hd, ctx.positions, ctx.cos, ctx.sin, true));
+    time(Op::Rope, || rope::apply(dk, kvw, 0, ctx.attention.kv_heads, hd, ctx.positions, ctx.cos, ctx.sin, true));
     // q|k|v = lin(x1): dx1 = Σ dY_m·W_m (+ LoRA)
     let dx1 = fit(&mut g.dx, n * d);
     for (i, (m, dy, width)) in [(Q, &g.dq, qw), (K, &g.dk, kvw), (V, &g.dv, kvw)].into_iter().enumerate() {
         let dx = need_dx.then_some(&mut *dx1);
-        lora_linear::backward(
-            &a.x1,
-            &w.lin[m],
-            pair(lora, grads, m),
-            MatRef::new(dy, n, width),
-            &a.u[m],
-            dx,
-            i > 0,
-            &mut g.lora,
-        );
+        let dy = MatRef::new(dy, n, width);
+        time(Op::LinearBackward, || {
+            lora_linear::backward(&a.x1, &w.lin[m], pair(lora, grads, m), dy, &a.u[m], dx, i > 0, &mut g.lora)
+        });
     }
     if need_dx {
         // x1 = norm1(x): dx = dh1 + norm1ᵀ(dx1)
-        rms_norm::backward(&g.dx, x, w.norm1, &a.rstd1, dout);
+        time(Op::Norm, || rms_norm::backward(&g.dx, x, w.norm1, &a.rstd1, dout));
     }
 }
 

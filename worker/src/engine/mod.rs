@@ -12,6 +12,7 @@
 
 mod block;
 mod packed;
+mod profile;
 mod weights;
 
 use crate::dropout::{mix, Dropout};
@@ -24,6 +25,7 @@ use lorafleet_kernels::fused::attention::AttentionShape;
 use lorafleet_kernels::fused::lora_linear::{Adapter, Dropout as KeyedDropout, PairGrads, Scratch};
 use lorafleet_kernels::fused::{head_loss, rms_norm};
 use packed::Packed;
+use profile::{time, Op};
 use weights::{hold_adapter, hold_model, ModelWeights};
 
 /// The engine's buffers and this step's LoRA gradient sums.
@@ -145,9 +147,11 @@ impl Engine {
         self.inputs.resize_with(layers + 1, Vec::new);
         self.acts.resize_with(if checkpointing { 1 } else { layers }, Acts::default);
         let x0 = fit(&mut self.inputs[0], n * d);
-        for (row, &id) in x0.chunks_exact_mut(d).zip(&packed.ids) {
-            row.copy_from_slice(&weights.embed[id as usize * d..(id as usize + 1) * d]);
-        }
+        time(Op::Embed, || {
+            for (row, &id) in x0.chunks_exact_mut(d).zip(&packed.ids) {
+                row.copy_from_slice(&weights.embed[id as usize * d..(id as usize + 1) * d]);
+            }
+        });
         for l in 0..layers {
             let (done, rest) = self.inputs.split_at_mut(l + 1);
             let acts = &mut self.acts[if checkpointing { 0 } else { l }];
@@ -175,8 +179,10 @@ impl Engine {
             row.copy_from_slice(&self.final_x[i * d..(i + 1) * d]);
         }
         let dh = fit(&mut self.head_dh, scored * d);
-        let loss_sum =
-            head_loss::forward_backward(h, weights.head, c.vocab_size, &packed.targets, dh, &mut self.head_scratch);
+        let head_scratch = &mut self.head_scratch;
+        let loss_sum = time(Op::Head, || {
+            head_loss::forward_backward(h, weights.head, c.vocab_size, &packed.targets, dh, head_scratch)
+        });
         let forward_seconds = start.elapsed().as_secs_f64();
         if scored == 0 {
             return Ok(MicroBatchStats { loss_sum, tokens: 0, forward_seconds });
@@ -190,7 +196,8 @@ impl Engine {
         }
         let dout = fit(&mut self.dout, n * d);
         dout.fill(0.0);
-        rms_norm::backward(&self.final_x, &self.inputs[layers], weights.norm, &self.final_rstd, dout);
+        let (dfinal, top, rstd) = (&self.final_x, &self.inputs[layers], &self.final_rstd);
+        time(Op::Norm, || rms_norm::backward(dfinal, top, weights.norm, rstd, dout));
         let mut grads = pair_grads(&mut self.bucket, &slots, &params);
         let lowest = (0..layers).find(|&l| slots[l].iter().any(Option::is_some)).unwrap_or(layers);
         for l in (lowest..layers).rev() {
@@ -222,6 +229,12 @@ impl Engine {
             );
         }
         Ok(MicroBatchStats { loss_sum, tokens: scored, forward_seconds })
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        profile::report();
     }
 }
 
