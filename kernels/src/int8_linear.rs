@@ -74,6 +74,17 @@ impl Int8Linear {
         (d[0], d[1])
     }
 
+    /// The quantized weight (u8 = value + 128, `[out, in]`), its f32 scales (`[out, in /
+    /// group]`) and the group size, for the training engine's tiled bodies.
+    pub fn quantized_parts(&self) -> (&Tensor, &Tensor, usize) {
+        (&self.weights.q, &self.weights.scales, self.weights.group)
+    }
+
+    /// The frozen bias `[out]`, if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref().map(FrozenBias::values)
+    }
+
     /// The u8 storage of the quantized weight (value + 128).
     pub fn quantized(&self) -> &Tensor {
         &self.weights.q

@@ -4,7 +4,8 @@
 
 use candle_core::{Device, Tensor, Var};
 use lorafleet_kernels::fused::gemm::{MatMut, MatRef};
-use lorafleet_kernels::fused::lora_linear::{self, Adapter, Dropout, Frozen, PairGrads, Scratch};
+use lorafleet_kernels::fused::lora_linear::{self, Adapter, Dropout, Frozen, PairGrads, Scratch, Weight};
+use lorafleet_kernels::Int8Linear;
 use rand::{Rng, SeedableRng};
 
 fn random(n: usize, seed: u64) -> Vec<f32> {
@@ -22,14 +23,25 @@ fn t(v: &[f32], shape: (usize, usize)) -> Tensor {
     Tensor::from_slice(v, shape, &Device::Cpu).unwrap()
 }
 
-fn check(cu: &[usize], inp: usize, out: usize, rank: usize, p: f32, bias: bool) {
+fn check(cu: &[usize], inp: usize, out: usize, rank: usize, p: f32, bias: bool, int8: Option<usize>) {
     let n = *cu.last().unwrap();
     let (x, w, a, b) = (random(n * inp, 1), random(out * inp, 2), random(rank * inp, 3), random(out * rank, 4));
     let bias_v = random(out, 5);
     let keys: Vec<u64> = (0..cu.len() as u64 - 1).map(|s| 1000 + s).collect();
     let dropout =
         (p > 0.0).then_some(Dropout { p, keep: (1.0 / (1.0 - f64::from(p))) as f32, keys: &keys, cu_seqlens: cu });
-    let frozen = Frozen { w: &w, bias: bias.then_some(&bias_v[..]), out, inp };
+    // int8: the reference multiplies by the dequantized weight (what the engine's tiles hold).
+    let quantized = int8.map(|g| Int8Linear::quantize(&t(&w, (out, inp)), Some(g), None, &Device::Cpu).unwrap());
+    let w_ref = quantized.as_ref().map_or_else(|| t(&w, (out, inp)), |q| q.dequantize().unwrap());
+    let held = quantized.as_ref().map(|q| {
+        let (qt, st, g) = q.quantized_parts();
+        (qt.flatten_all().unwrap().to_vec1::<u8>().unwrap(), st.flatten_all().unwrap().to_vec1::<f32>().unwrap(), g)
+    });
+    let weight = match &held {
+        Some((q, s, g)) => Weight::Int8 { q, scales: s, group: *g },
+        None => Weight::F32(&w),
+    };
+    let frozen = Frozen { w: weight, bias: bias.then_some(&bias_v[..]), out, inp };
     let adapter = Adapter { a: &a, b: &b, rank, scale: 0.5, dropout };
     let mut scratch = Scratch::default();
 
@@ -44,7 +56,7 @@ fn check(cu: &[usize], inp: usize, out: usize, rank: usize, p: f32, bias: bool) 
     let bias_t = t(&bias_v, (1, out)).squeeze(0).unwrap();
     let y_ref = lora_linear::reference(
         xv.as_tensor(),
-        &t(&w, (out, inp)),
+        &w_ref,
         bias.then_some(&bias_t),
         Some((av.as_tensor(), bv.as_tensor(), 0.5, dropout.as_ref())),
     )
@@ -94,10 +106,18 @@ fn check(cu: &[usize], inp: usize, out: usize, rank: usize, p: f32, bias: bool) 
 
 #[test]
 fn lora_linear_equals_its_reference_with_and_without_dropout() {
-    check(&[0, 1], 8, 5, 2, 0.0, false);
-    check(&[0, 1, 8, 21], 24, 40, 4, 0.0, true);
-    check(&[0, 1, 8, 21], 24, 40, 4, 0.3, true);
-    check(&[0, 67, 130], 33, 17, 8, 0.05, false);
+    check(&[0, 1], 8, 5, 2, 0.0, false, None);
+    check(&[0, 1, 8, 21], 24, 40, 4, 0.0, true, None);
+    check(&[0, 1, 8, 21], 24, 40, 4, 0.3, true, None);
+    check(&[0, 67, 130], 33, 17, 8, 0.05, false, None);
+}
+
+#[test]
+fn lora_linear_over_an_int8_weight_equals_its_dequantized_reference() {
+    check(&[0, 1, 8, 21], 24, 40, 4, 0.3, true, Some(24));
+    check(&[0, 3, 50], 32, 9, 4, 0.0, false, Some(8));
+    // More output rows than one dequantized tile holds (2^20 elements): several tiles.
+    check(&[0, 5], 1024, 1100, 2, 0.1, false, Some(1024));
 }
 
 #[test]

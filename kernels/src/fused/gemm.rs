@@ -80,6 +80,13 @@ impl<'a> MatRef<'a> {
         Self { rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs, data: self.data }
     }
 
+    /// Rows `r0..r0 + m` and columns `c0..c0 + n` of this view.
+    pub fn sub(self, r0: usize, m: usize, c0: usize, n: usize) -> Self {
+        assert!(r0 + m <= self.rows && c0 + n <= self.cols, "sub-view outside {}x{}", self.rows, self.cols);
+        let start = (r0 * self.rs + c0 * self.cs).min(self.data.len());
+        Self::strided(&self.data[start..], m, n, self.rs, self.cs)
+    }
+
     /// Rows.
     pub fn rows(&self) -> usize {
         self.rows
@@ -126,6 +133,13 @@ impl<'a> MatMut<'a> {
                 self.data[i * self.rs + j * self.cs] += b;
             }
         }
+    }
+
+    /// Rows `r0..r0 + m` and columns `c0..c0 + n` of this view.
+    pub fn sub(&mut self, r0: usize, m: usize, c0: usize, n: usize) -> MatMut<'_> {
+        assert!(r0 + m <= self.rows && c0 + n <= self.cols, "sub-view outside {}x{}", self.rows, self.cols);
+        let start = (r0 * self.rs + c0 * self.cs).min(self.data.len());
+        MatMut::strided(&mut self.data[start..], m, n, self.rs, self.cs)
     }
 
     /// A shorter-lived view of the same elements (to pass to [`matmul`] and keep this one).

@@ -13,11 +13,31 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
+/// A frozen `[out, in]` weight as stored: full precision, or int8 (`load_in_8bit`).
+#[derive(Clone, Copy, Debug)]
+pub enum Weight<'a> {
+    /// f32, row-major.
+    F32(&'a [f32]),
+    /// `u8 = int8 + 128` row-major, with an f32 absmax scale per `group` inputs of each row
+    /// (`[out, in / group]`), as [`crate::Int8Linear`] stores it.
+    Int8 {
+        /// The quantized values.
+        q: &'a [u8],
+        /// The scales.
+        scales: &'a [f32],
+        /// Inputs per scale.
+        group: usize,
+    },
+}
+
+/// Elements of W dequantized per tile (4 MiB of f32), as the int8 op does.
+const TILE_ELEMS: usize = 1 << 20;
+
 /// A frozen `[out, in]` weight and optional bias, as transformers stores them.
 #[derive(Clone, Copy, Debug)]
 pub struct Frozen<'a> {
-    /// `[out, in]`, row-major.
-    pub w: &'a [f32],
+    /// The weight.
+    pub w: Weight<'a>,
     /// `[out]`.
     pub bias: Option<&'a [f32]>,
     /// Output features.
@@ -110,11 +130,12 @@ pub struct Adapter<'a> {
     pub dropout: Option<Dropout<'a>>,
 }
 
-/// Reused buffers of the LoRA branch: `drop(x)`, the mask (backward only: drawn once, used
-/// twice) and the r-wide `t = dY·B`.
+/// Reused buffers: `drop(x)`, the mask (backward only: drawn once, used twice), the r-wide
+/// `t = dY·B` and a dequantized tile of an int8 weight.
 #[derive(Default)]
 pub struct Scratch {
     dropped: Vec<f32>,
+    tile: Vec<f32>,
     mask: Vec<f32>,
     low: Vec<f32>,
 }
@@ -139,6 +160,68 @@ fn dropped<'s>(x: &'s [f32], inp: usize, dropout: Option<&Dropout<'_>>, scratch:
     }
 }
 
+impl Frozen<'_> {
+    /// `y = x·Wᵀ` (`y` `[N, out]`): one GEMM, or for int8 one per tile of output rows
+    /// dequantized into the reused tile buffer, each writing its block of columns.
+    fn forward(&self, x: MatRef<'_>, mut y: MatMut<'_>, tile: &mut Vec<f32>) {
+        let (k, n) = (self.inp, x.rows());
+        match self.w {
+            Weight::F32(w) => matmul(y, x, MatRef::new(w, self.out, k).t(), 1.0, false, Par::Pool),
+            Weight::Int8 { q, scales, group } => {
+                let rows = (TILE_ELEMS / k.max(1)).clamp(16, self.out.max(16));
+                for r0 in (0..self.out).step_by(rows) {
+                    let m = rows.min(self.out - r0);
+                    let t = dequantize(q, scales, group, k, r0, m, tile);
+                    matmul(y.sub(0, n, r0, m), x, MatRef::new(t, m, k).t(), 1.0, false, Par::Pool);
+                }
+            }
+        }
+    }
+
+    /// `dx (+)= dY·W` (`dx` `[N, in]`), tile by tile for int8 (each tile accumulates).
+    fn backward(&self, dy: MatRef<'_>, dx: &mut [f32], accumulate: bool, tile: &mut Vec<f32>) {
+        let (k, n) = (self.inp, dy.rows());
+        match self.w {
+            Weight::F32(w) => {
+                matmul(MatMut::new(dx, n, k), dy, MatRef::new(w, self.out, k), 1.0, accumulate, Par::Pool)
+            }
+            Weight::Int8 { q, scales, group } => {
+                let rows = (TILE_ELEMS / k.max(1)).clamp(16, self.out.max(16));
+                for r0 in (0..self.out).step_by(rows) {
+                    let m = rows.min(self.out - r0);
+                    let t = dequantize(q, scales, group, k, r0, m, tile);
+                    let acc = accumulate || r0 > 0;
+                    matmul(MatMut::new(dx, n, k), dy.sub(0, n, r0, m), MatRef::new(t, m, k), 1.0, acc, Par::Pool);
+                }
+            }
+        }
+    }
+}
+
+/// Rows `r0..r0 + m` of an int8 weight as f32, `(q − 128) · scale`, in `tile`.
+fn dequantize<'t>(
+    q: &[u8],
+    scales: &[f32],
+    group: usize,
+    k: usize,
+    r0: usize,
+    m: usize,
+    tile: &'t mut Vec<f32>,
+) -> &'t [f32] {
+    let groups = k / group;
+    let t = sized(tile, m * k);
+    t.par_chunks_mut(k).enumerate().for_each(|(r, dst)| {
+        let row = r0 + r;
+        for (g, (d, src)) in dst.chunks_mut(group).zip(q[row * k..(row + 1) * k].chunks(group)).enumerate() {
+            let s = scales[row * groups + g];
+            for (d, &v) in d.iter_mut().zip(src) {
+                *d = (f32::from(v) - 128.0) * s;
+            }
+        }
+    });
+    t
+}
+
 /// Forward of one module over `x` `[N, in]`: overwrites `y` (`[N, out]`, any strides) with
 /// `x·Wᵀ + b + s·u·Bᵀ` and `u` (`[N, r]`) with `drop(x)·Aᵀ`.
 pub fn forward(
@@ -151,7 +234,7 @@ pub fn forward(
 ) {
     let n = x.len() / w.inp;
     let xm = MatRef::new(x, n, w.inp);
-    matmul(y.rb(), xm, MatRef::new(w.w, w.out, w.inp).t(), 1.0, false, Par::Pool);
+    w.forward(xm, y.rb(), &mut scratch.tile);
     if let Some(b) = w.bias {
         y.add_row_vector(b);
     }
@@ -201,7 +284,7 @@ pub fn backward(
 ) {
     let n = x.len() / w.inp;
     if let Some(dx) = dx.as_deref_mut() {
-        matmul(MatMut::new(dx, n, w.inp), dy, MatRef::new(w.w, w.out, w.inp), 1.0, accumulate, Par::Pool);
+        w.backward(dy, dx, accumulate, &mut scratch.tile);
     }
     let Some((l, g)) = lora else { return };
     let r = l.rank;

@@ -91,14 +91,21 @@ fn engine_equals_reference_on_the_variants() {
 }
 
 #[test]
-fn an_int8_base_runs_the_reference_path() {
-    let m = Llama::load_quantized(
-        &tiny_llama(),
-        DType::F32,
-        &Device::Cpu,
-        lorafleet_worker::model::Quantization::Int8 { group: None },
-    )
-    .unwrap();
+fn engine_equals_reference_with_an_int8_base() {
+    for group in [None, Some(16)] {
+        let quantization = lorafleet_worker::model::Quantization::Int8 { group };
+        let m = Llama::load_quantized(&tiny_llama(), DType::F32, &Device::Cpu, quantization).unwrap();
+        let config =
+            LoraConfig { target_modules: TargetModules::AllLinear, lora_dropout: 0.1, ..LoraConfig::default() };
+        let a = LoraAdapter::init(config, m.config(), 5, &Device::Cpu).unwrap();
+        randomised(&a);
+        assert_same(&m, &a, &uneven_batches(512), &format!("int8 group {group:?}"));
+    }
+}
+
+#[test]
+fn a_bf16_base_runs_the_reference_path() {
+    let m = Llama::load(&tiny_llama(), DType::BF16, &Device::Cpu).unwrap();
     let a = LoraAdapter::init(LoraConfig::default(), m.config(), 3, &Device::Cpu).unwrap();
     let mut acc = StepAccumulator::with_path(&a, Path::Engine);
     acc.micro_batch(&m, &a, &uneven_batches(512)[0], &Dropout::Off, false).unwrap();

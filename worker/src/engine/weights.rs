@@ -8,10 +8,10 @@ use crate::lora::LoraAdapter;
 use crate::model::{BaseLinear, Llama};
 use candle_core::{CpuStorage, Storage, Tensor};
 use lorafleet_common::peft::LINEAR_MODULES;
-use lorafleet_kernels::fused::lora_linear::Frozen;
+use lorafleet_kernels::fused::lora_linear::{Frozen, Weight};
 use std::ops::Deref;
 
-/// A held read guard on one contiguous f32 CPU tensor.
+/// A held read guard on one contiguous f32 or u8 CPU tensor.
 pub(crate) struct Held<'t> {
     guard: Box<dyn Deref<Target = Storage> + 't>,
     start: usize,
@@ -19,42 +19,55 @@ pub(crate) struct Held<'t> {
 }
 
 impl<'t> Held<'t> {
-    /// Takes the guard; `None` unless the tensor is contiguous f32 on the CPU.
+    /// Takes the guard; `None` unless the tensor is contiguous f32 or u8 on the CPU.
     pub(crate) fn new(t: &'t Tensor) -> Option<Self> {
         let (guard, layout) = t.storage_and_layout();
-        let ok = matches!(&*guard, Storage::Cpu(CpuStorage::F32(_))) && layout.is_contiguous();
+        let ok = matches!(&*guard, Storage::Cpu(CpuStorage::F32(_) | CpuStorage::U8(_))) && layout.is_contiguous();
         let (start, len) = (layout.start_offset(), t.elem_count());
         ok.then(|| Self { guard: Box::new(guard), start, len })
     }
 
-    /// The values.
+    /// The values of an f32 tensor.
     pub(crate) fn slice(&self) -> &[f32] {
         match &**self.guard {
             Storage::Cpu(CpuStorage::F32(v)) => &v[self.start..self.start + self.len],
-            _ => unreachable!("checked in Held::new"),
+            _ => panic!("engine: an f32 tensor was expected (walk order out of step)"),
+        }
+    }
+
+    /// The values of a u8 tensor.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        match &**self.guard {
+            Storage::Cpu(CpuStorage::U8(v)) => &v[self.start..self.start + self.len],
+            _ => panic!("engine: a u8 tensor was expected (walk order out of step)"),
         }
     }
 }
 
-/// The frozen tensors of the model in a fixed walk order, for [`ModelWeights::new`].
-fn frozen_tensors(model: &Llama) -> Option<Vec<&Tensor>> {
+/// The frozen tensors of the model in a fixed walk order, for [`ModelWeights::new`]: per
+/// block linear, its weight (dense) or quantized values and scales (int8), then its bias.
+fn frozen_tensors(model: &Llama) -> Vec<&Tensor> {
     let (embed, blocks, norm, head, rope) = model.parts();
     let mut out = vec![embed, norm.weight(), head.weight(), rope.tables().0, rope.tables().1];
     for b in blocks {
         out.extend([b.input_norm.weight(), b.post_norm.weight()]);
         for l in &b.linears {
-            let BaseLinear::Dense(l) = l else { return None };
-            out.push(l.weight());
-            out.extend(l.bias());
+            match l {
+                BaseLinear::Dense(l) => out.extend(std::iter::once(l.weight()).chain(l.bias())),
+                BaseLinear::Int8(l) => {
+                    let (q, scales, _) = l.quantized_parts();
+                    out.extend([q, scales].into_iter().chain(l.bias()));
+                }
+            }
         }
     }
-    Some(out)
+    out
 }
 
-/// Guards over every frozen tensor; `None` when the model is not dense f32 on the CPU (the
-/// engine's CPU bodies cover that case; others run the reference model).
+/// Guards over every frozen tensor; `None` when the model does not live on the CPU in f32
+/// (or int8 block linears): the engine's CPU bodies cover those; others run the reference.
 pub(crate) fn hold_model(model: &Llama) -> Option<Vec<Held<'_>>> {
-    frozen_tensors(model)?.into_iter().map(Held::new).collect()
+    frozen_tensors(model).into_iter().map(Held::new).collect()
 }
 
 /// Guards over every LoRA parameter in `named_vars` order (A then B per module).
@@ -90,24 +103,36 @@ pub(crate) struct ModelWeights<'a> {
 impl<'a> ModelWeights<'a> {
     /// Slices of `held` (from [`hold_model`] on the same model), in its walk order.
     pub(crate) fn new(model: &Llama, held: &'a [Held<'_>]) -> Self {
-        let mut it = held.iter().map(Held::slice);
+        let mut it = held.iter();
         let mut next = || it.next().expect("hold_model walks the same tensors");
-        let (embed, norm, head, cos, sin) = (next(), next(), next(), next(), next());
+        let (embed, norm, head, cos, sin) =
+            (next().slice(), next().slice(), next().slice(), next().slice(), next().slice());
         let c = model.config();
         let blocks = model
             .parts()
             .1
             .iter()
             .map(|b| {
-                let (norm1, norm2) = (next(), next());
-                let lin = (0..LINEAR_MODULES.len())
-                    .map(|m| {
+                let (norm1, norm2) = (next().slice(), next().slice());
+                let lin = b
+                    .linears
+                    .iter()
+                    .enumerate()
+                    .map(|(m, l)| {
                         let (inp, out) = crate::lora::module_shape(c, m);
-                        let w = next();
-                        let bias = matches!(&b.linears[m], BaseLinear::Dense(l) if l.bias().is_some()).then(&mut next);
+                        let (w, has_bias) = match l {
+                            BaseLinear::Dense(l) => (Weight::F32(next().slice()), l.bias().is_some()),
+                            BaseLinear::Int8(l) => {
+                                let group = l.quantized_parts().2;
+                                let (q, scales) = (next().bytes(), next().slice());
+                                (Weight::Int8 { q, scales, group }, l.bias().is_some())
+                            }
+                        };
+                        let bias = has_bias.then(|| next().slice());
                         Frozen { w, bias, out, inp }
                     })
                     .collect();
+                debug_assert_eq!(LINEAR_MODULES.len(), b.linears.len());
                 BlockWeights { norm1, norm2, lin }
             })
             .collect();
