@@ -205,11 +205,13 @@ fn head_loss_matches_reference_and_autograd_across_chunks() {
         }
         let (loss, dh) = same_on_1_and_2_threads(|| {
             let (mut dh, mut scratch) = (vec![f32::NAN; n * d], Vec::new());
-            let loss = head_loss::forward_backward(&h, &w, vocab, &targets, &mut dh, &mut scratch);
+            let loss = head_loss::forward_backward(&h, &w, vocab, &targets, Some(&mut dh), &mut scratch);
             // A second call reuses the scratch without growing it and gives the same result.
             let len = scratch.len();
             let mut dh2 = vec![f32::NAN; n * d];
-            assert_eq!(head_loss::forward_backward(&h, &w, vocab, &targets, &mut dh2, &mut scratch), loss);
+            assert_eq!(head_loss::forward_backward(&h, &w, vocab, &targets, Some(&mut dh2), &mut scratch), loss);
+            // The loss alone (evaluation) is the same sum.
+            assert_eq!(head_loss::forward_backward(&h, &w, vocab, &targets, None, &mut scratch), loss);
             assert_eq!((dh2 == dh, scratch.len()), (true, len));
             (loss, dh)
         });
@@ -229,5 +231,5 @@ fn head_loss_matches_reference_and_autograd_across_chunks() {
 #[should_panic(expected = "outside a vocabulary")]
 fn head_loss_refuses_a_target_outside_the_vocabulary() {
     let (mut dh, mut scratch) = (vec![0f32; 4], Vec::new());
-    head_loss::forward_backward(&[1.0; 4], &[1.0; 6], 3, &[1, 3], &mut dh, &mut scratch);
+    head_loss::forward_backward(&[1.0; 4], &[1.0; 6], 3, &[1, 3], Some(&mut dh), &mut scratch);
 }

@@ -2,6 +2,7 @@
 //! answers.
 
 use crate::dropout::Dropout;
+use crate::engine::Engine;
 use crate::error::Result;
 use crate::generate::{generate, Sampling};
 use crate::lora::LoraAdapter;
@@ -50,9 +51,18 @@ pub fn eval_batches(
     batches: impl IntoIterator<Item = Batch>,
 ) -> Result<LossSum> {
     let mut total = LossSum::default();
+    // The training engine's forward where it covers the model, so that eval loss and
+    // training see the same numbers; the reference model otherwise.
+    let mut engine = Engine::new(model, adapter);
     for batch in batches {
-        let (loss, tokens) = loss_sum(model, adapter, &batch, &Dropout::Off)?;
-        total.loss_sum += f64::from(loss.to_scalar::<f32>()?);
+        let (loss, tokens) = match engine.as_mut() {
+            Some(e) => e.eval_loss(model, adapter, &batch)?,
+            None => {
+                let (loss, tokens) = loss_sum(model, adapter, &batch, &Dropout::Off)?;
+                (f64::from(loss.to_scalar::<f32>()?), tokens)
+            }
+        };
+        total.loss_sum += loss;
         total.tokens += tokens as u64;
     }
     Ok(total)

@@ -138,7 +138,7 @@ impl StepAccumulator {
     ) -> Result<(f64, usize)> {
         let start = std::time::Instant::now();
         if self.path == Path::Engine && self.engine.is_none() {
-            self.engine = Engine::new(model, adapter);
+            self.engine = Engine::new(model, Some(adapter));
         }
         if let Some(engine) = self.engine.as_mut().filter(|_| self.path == Path::Engine) {
             let s = engine.micro_batch(model, adapter, batch, dropout, checkpointing)?;

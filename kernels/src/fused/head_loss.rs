@@ -53,7 +53,7 @@ fn row_loss_and_grad(z: &mut [f32], target: usize) -> f32 {
 
 /// Loss sum over the rows of hidden states `h` (`[n, d]`, `n = targets.len()`) through the
 /// frozen head `w` (`[vocab, d]`) against `targets`; overwrites `dh` (`[n, d]`) with
-/// `d(loss sum)/dh`. Rows are processed in chunks of [`chunk_rows`]`(vocab)` whose logits
+/// `d(loss sum)/dh` (none: evaluation, the loss alone). Rows are processed in chunks of [`chunk_rows`]`(vocab)` whose logits
 /// live in `scratch` (grown once to the largest chunk, plus one loss per row, and reused
 /// across calls); the logits of a step are computed once and never kept.
 ///
@@ -65,13 +65,14 @@ pub fn forward_backward(
     w: &[f32],
     vocab: usize,
     targets: &[u32],
-    dh: &mut [f32],
+    mut dh: Option<&mut [f32]>,
     scratch: &mut Vec<f32>,
 ) -> f64 {
     assert!(vocab > 0 && w.len().is_multiple_of(vocab), "head loss: head of {} values is not {vocab} rows", w.len());
     let d = w.len() / vocab;
     let n = targets.len();
-    assert!(h.len() == n * d && dh.len() == h.len(), "head loss: h {} / dh {} for {n} rows of {d}", h.len(), dh.len());
+    let dh_len = dh.as_ref().map_or(h.len(), |dh| dh.len());
+    assert!(h.len() == n * d && dh_len == h.len(), "head loss: h {} / dh {dh_len} for {n} rows of {d}", h.len());
     if let Some(bad) = targets.iter().find(|&&t| t as usize >= vocab) {
         panic!("head loss: target {bad} outside a vocabulary of {vocab}");
     }
@@ -104,14 +105,10 @@ pub fn forward_backward(
         for &l in losses.iter() {
             total += f64::from(l);
         }
-        matmul(
-            MatMut::new(&mut dh[r0 * d..(r0 + m) * d], m, d),
-            MatRef::new(logits, m, vocab),
-            wt,
-            1.0,
-            false,
-            Par::Pool,
-        );
+        if let Some(dh) = dh.as_deref_mut() {
+            let dh = MatMut::new(&mut dh[r0 * d..(r0 + m) * d], m, d);
+            matmul(dh, MatRef::new(logits, m, vocab), wt, 1.0, false, Par::Pool);
+        }
     }
     total
 }

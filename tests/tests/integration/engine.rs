@@ -111,3 +111,21 @@ fn a_bf16_base_runs_the_reference_path() {
     acc.micro_batch(&m, &a, &uneven_batches(512)[0], &Dropout::Off, false).unwrap();
     assert!(!acc.engine_used());
 }
+
+#[test]
+fn eval_loss_through_the_engine_equals_the_reference_forward() {
+    let m = Llama::load(&tiny_llama(), DType::F32, &Device::Cpu).unwrap();
+    let config = LoraConfig { target_modules: TargetModules::AllLinear, ..LoraConfig::default() };
+    let a = LoraAdapter::init(config, m.config(), 3, &Device::Cpu).unwrap();
+    randomised(&a);
+    for adapter in [None, Some(&a)] {
+        let mut engine = lorafleet_worker::engine::Engine::new(&m, adapter).expect("an f32 CPU model runs on the engine");
+        for b in uneven_batches(512) {
+            let (loss, tokens) = engine.eval_loss(&m, adapter, &b).unwrap();
+            let (want, want_tokens) = lorafleet_worker::train::loss_sum(&m, adapter, &b, &Dropout::Off).unwrap();
+            let want = f64::from(want.to_scalar::<f32>().unwrap());
+            assert_eq!(tokens, want_tokens);
+            assert!(((loss - want) / want).abs() <= 1e-6, "eval loss {loss} vs {want}");
+        }
+    }
+}

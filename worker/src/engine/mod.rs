@@ -57,11 +57,15 @@ pub struct MicroBatchStats {
 }
 
 impl Engine {
-    /// An engine for `model` and `adapter`, or `None` when the model is not one the CPU
-    /// bodies cover (dense f32 weights on the CPU).
-    pub fn new(model: &Llama, adapter: &LoraAdapter) -> Option<Self> {
+    /// An engine for `model` and `adapter` (none: evaluation of the base model only), or
+    /// `None` when the model is not one the CPU bodies cover (f32 weights, or int8 block
+    /// linears, on the CPU) or `LORAFLEET_ENGINE=reference` asks for the reference path.
+    pub fn new(model: &Llama, adapter: Option<&LoraAdapter>) -> Option<Self> {
+        if crate::train::Path::from_env() == crate::train::Path::Reference {
+            return None;
+        }
         hold_model(model)?;
-        let size = adapter.num_parameters();
+        let size = adapter.map_or(0, LoraAdapter::num_parameters);
         Some(Self {
             inputs: Vec::new(),
             acts: Vec::new(),
@@ -92,12 +96,35 @@ impl Engine {
         dropout: &Dropout,
         checkpointing: bool,
     ) -> Result<MicroBatchStats> {
+        self.run(model, Some(adapter), batch, dropout, Mode::Train { checkpointing })
+    }
+
+    /// The summed token loss and scored tokens of `batch` (no dropout, no backward): the
+    /// evaluation pass, through the same forward as training.
+    pub fn eval_loss(&mut self, model: &Llama, adapter: Option<&LoraAdapter>, batch: &Batch) -> Result<(f64, usize)> {
+        let s = self.run(model, adapter, batch, &Dropout::Off, Mode::Eval)?;
+        Ok((s.loss_sum, s.tokens))
+    }
+
+    fn run(
+        &mut self,
+        model: &Llama,
+        adapter: Option<&LoraAdapter>,
+        batch: &Batch,
+        dropout: &Dropout,
+        mode: Mode,
+    ) -> Result<MicroBatchStats> {
+        // Evaluation keeps no activations for a backward: one block's buffers serve all.
+        let checkpointing = match mode {
+            Mode::Train { checkpointing } => checkpointing,
+            Mode::Eval => true,
+        };
         let start = std::time::Instant::now();
         let packed = Packed::new(batch)?;
         let held =
             hold_model(model).ok_or_else(|| Error::Invalid("engine: the model is not dense f32 on the CPU".into()))?;
         let weights = ModelWeights::new(model, &held);
-        let lora_held = hold_adapter(adapter)?;
+        let lora_held = adapter.map(hold_adapter).transpose()?.unwrap_or_default();
         let c = model.config();
         let (n, d, layers) = (packed.tokens(), c.hidden_size, c.num_hidden_layers);
         if let Some(&bad) = packed.ids.iter().find(|&&i| i as usize >= c.vocab_size) {
@@ -127,7 +154,7 @@ impl Engine {
             )));
         }
         // Adapters and gradient sums of each block, carved from the held parameters and the bucket.
-        let slots = adapter_slots(adapter, layers);
+        let slots = adapter.map_or_else(|| vec![[None; 7]; layers], |a| adapter_slots(a, layers));
         let params: Vec<&[f32]> = lora_held.iter().map(|h| h.slice()).collect();
         let adapters: Vec<BlockAdapters<'_>> = (0..layers)
             .map(|l| {
@@ -178,14 +205,17 @@ impl Engine {
         for (row, &i) in h.chunks_exact_mut(d).zip(&packed.scored) {
             row.copy_from_slice(&self.final_x[i * d..(i + 1) * d]);
         }
-        let dh = fit(&mut self.head_dh, scored * d);
+        let dh = match mode {
+            Mode::Train { .. } => Some(fit(&mut self.head_dh, scored * d)),
+            Mode::Eval => None,
+        };
         let head_scratch = &mut self.head_scratch;
         let loss_sum = time(Op::Head, || {
             head_loss::forward_backward(h, weights.head, c.vocab_size, &packed.targets, dh, head_scratch)
         });
         let forward_seconds = start.elapsed().as_secs_f64();
-        if scored == 0 {
-            return Ok(MicroBatchStats { loss_sum, tokens: 0, forward_seconds });
+        if scored == 0 || mode == Mode::Eval {
+            return Ok(MicroBatchStats { loss_sum, tokens: scored, forward_seconds });
         }
 
         // Backward: head → final norm → blocks in reverse.
@@ -236,6 +266,15 @@ impl Drop for Engine {
     fn drop(&mut self) {
         profile::report();
     }
+}
+
+/// What a pass is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Forward and backward; `checkpointing` keeps block inputs only and recomputes.
+    Train { checkpointing: bool },
+    /// Forward and loss only.
+    Eval,
 }
 
 /// Per block and module: the index of its A in `named_vars`, its rank, scale, dropout
