@@ -1,176 +1,468 @@
-//! `coordinator bench`: training-step speed and peak memory of the 58M-parameter Llama of
-//! `../shared/bench/peft_cpu_bench.py` (random weights, batch 4 × 256, LoRA r=8 on q,v) for
-//! {f32, int8} × {checkpointing off, on}, beside PyTorch + PEFT's figures on the same kind of
-//! machine. Each configuration runs in its own process so that its peak RSS is its own.
+//! `coordinator bench`: our training speed and peak memory beside PyTorch + PEFT's, measured
+//! side by side in one invocation (`--reference-python PY`).
+//!
+//! Workloads (`--workload`): the 58M Llama of `../shared/bench/peft_cpu_bench.py`, a 135M Llama
+//! of SmolLM-135M's shape (both random weights, on random-token or instruction-shaped batches,
+//! checkpointing off and on), and the demo's training (`demo`: `--demo-steps` steps of
+//! demo/demo.toml beside `tools/peft_demo_train.py`). Each configuration runs `--rounds`
+//! times, ours and PyTorch's alternately (who goes first alternates too), each run in its own
+//! process so that its peak RSS is its own; the figure of merit is the median over rounds of
+//! the ratio ours / theirs within a round, so slow spells of a shared machine hit both sides
+//! of a pair. Without `--reference-python`, PyTorch's recorded figures stand in, labelled so.
 
-use crate::cli::BenchArgs;
-use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
-use lorafleet_common::{Batch, LoraConfig};
-use lorafleet_worker::adamw::AdamWConfig;
-use lorafleet_worker::collective::SingleRank;
-use lorafleet_worker::model::Quantization;
-use lorafleet_worker::replica::Replica;
-use lorafleet_worker::{Llama, LoraAdapter};
-use rand::{Rng, SeedableRng};
-use serde_json::json;
-use std::path::Path;
-use std::sync::Arc;
-use std::time::Instant;
+use crate::bench_ours::{self, Shape};
+use crate::bench_reference::{self, Reference};
+use crate::cli::{BenchArgs, BenchBatches, BenchWorkload, OffOnBoth};
+use anyhow::{Context, Result};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::process::Command;
 
-/// PyTorch 2.15 + PEFT 0.21.2 on a 2-vCPU machine of our kind, median tokens/s and peak RSS
-/// (MiB) from `../shared/bench/peft_cpu_bench.md` (sdpa attention, the requested setting).
-const PYTORCH: [(&str, f64, f64); 2] = [("off", 650.0, 2330.0), ("on", 560.0, 1870.0)];
+/// The median (the mean of the middle two for an even count); 0 for none.
+pub fn median(values: &[f64]) -> f64 {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => 0.5 * (v[n / 2 - 1] + v[n / 2]),
+    }
+}
 
-const CONFIGS: [(&str, bool, bool); 4] =
-    [("f32", false, false), ("f32", false, true), ("int8", true, false), ("int8", true, true)];
+/// One configuration: what both sides run.
+struct Config {
+    workload: &'static str,
+    batches: &'static str,
+    ckpt: bool,
+    /// Model folder (with config.json) and batch file of a step workload; `None` for the demo.
+    step: Option<(&'static Shape, PathBuf, PathBuf)>,
+}
+
+impl Config {
+    fn label(&self) -> String {
+        match &self.step {
+            Some(_) => format!("{} · {} · checkpointing {}", self.workload, self.batches, on_off(self.ckpt)),
+            None => "demo · demo.toml".to_owned(),
+        }
+    }
+}
+
+fn on_off(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+/// A configuration's runs: ours per variant (`f32`, `int8`) and theirs, one entry per round.
+struct Measured {
+    config: Config,
+    ours: Vec<(&'static str, Vec<Value>)>,
+    theirs: Vec<Value>,
+}
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    if let Some(one) = &args.only {
-        return one_config(&args, one);
+    if let Some(only) = &args.only {
+        return bench_ours::child(&args, only);
     }
     let tmp = tempfile::tempdir()?;
-    let dir = tmp.path().join("bench-58m");
-    write_model(&dir)?;
     if args.scaling {
+        let dir = tmp.path().join("bench-58m");
+        bench_ours::write_model(&bench_ours::M58, &dir)?;
         return crate::bench_scaling::run(&dir, args.steps, args.warmup.max(1));
     }
-    eprintln!(
-        "random 58M model written to {}; {} timed steps after {} warm-up",
-        dir.display(),
-        args.steps,
-        args.warmup
+    anyhow::ensure!(args.rounds >= 1 && args.steps >= 1, "--rounds and --steps must be at least 1");
+    anyhow::ensure!(
+        args.demo_steps > args.warmup || !args.workloads.contains(&BenchWorkload::Demo),
+        "--demo-steps must be more than --warmup"
     );
-    let mut rows = Vec::new();
-    for (name, _, ckpt) in CONFIGS {
-        let label = format!("{name}-{}", if ckpt { "on" } else { "off" });
-        let out = std::process::Command::new(std::env::current_exe()?)
-            .args(["bench", "--only", &label, "--model", dir.to_str().context("path")?])
-            .args(["--steps", &args.steps.to_string(), "--warmup", &args.warmup.to_string()])
-            .output()?;
-        if !out.status.success() {
-            bail!("bench {label} failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("bench child output")?;
-        eprintln!("{label}: {v}");
-        rows.push((label, v["tokens_per_second"].as_f64().unwrap_or(0.0), v["peak_rss_mib"].as_f64().unwrap_or(0.0)));
+    let reference = args.reference_python.as_deref().map(|p| Reference::new(p, args.threads)).transpose()?;
+    match &reference {
+        Some(r) => eprintln!("reference: {} ({})", r.python.display(), r.versions),
+        None => eprintln!(
+            "no reference: --reference-python not given; PyTorch + PEFT figures are recorded ones, not measured in \
+             this run"
+        ),
     }
-    print_table(&rows);
+    let mut workloads = args.workloads.clone();
+    if workloads.is_empty() {
+        workloads = vec![BenchWorkload::M58, BenchWorkload::M135];
+    }
+    workloads.dedup();
+    let ckpts: &[bool] = match args.checkpointing {
+        OffOnBoth::Off => &[false],
+        OffOnBoth::On => &[true],
+        OffOnBoth::Both => &[false, true],
+    };
+    let kinds: &[BenchBatches] = match args.batches {
+        BenchBatches::Both => &[BenchBatches::Random, BenchBatches::Instruction],
+        BenchBatches::Random => &[BenchBatches::Random],
+        BenchBatches::Instruction => &[BenchBatches::Instruction],
+    };
+    let mut results = Vec::new();
+    for w in workloads {
+        let Some(shape) = bench_ours::shape(w) else {
+            let config = Config { workload: "demo", batches: "demo", ckpt: false, step: None };
+            results.push(measure(&args, reference.as_ref(), config)?);
+            continue;
+        };
+        let dir = tmp.path().join(shape.name);
+        bench_ours::write_model(shape, &dir)?;
+        eprintln!("random {} model written to {}", shape.name, dir.display());
+        for &kind in kinds {
+            let batch = bench_ours::batch(kind, (shape.config)()["vocab_size"].as_u64().unwrap_or(0) as usize);
+            let name = batch_name(kind);
+            let file = dir.join(format!("batch-{name}.json"));
+            std::fs::write(&file, bench_ours::batch_json(&batch).to_string())?;
+            for &ckpt in ckpts {
+                let config = Config {
+                    workload: shape.name,
+                    batches: name,
+                    ckpt,
+                    step: Some((shape, dir.clone(), file.clone())),
+                };
+                results.push(measure(&args, reference.as_ref(), config)?);
+            }
+        }
+    }
+    if args.json {
+        println!("{}", json_report(&args, reference.as_ref(), &results));
+    } else {
+        print_report(&args, reference.as_ref(), &results);
+    }
     Ok(())
 }
 
-fn print_table(rows: &[(String, f64, f64)]) {
-    println!("| run | checkpointing | tokens/s | peak RSS (MiB) | tokens/s vs PyTorch | RSS vs PyTorch |");
-    println!("| --- | --- | ---: | ---: | ---: | ---: |");
-    for (torch_ckpt, tps, rss) in PYTORCH {
-        println!("| PyTorch + PEFT (f32) | {torch_ckpt} | {tps:.0} | {rss:.0} | 1.00 | 1.00 |");
+fn batch_name(kind: BenchBatches) -> &'static str {
+    match kind {
+        BenchBatches::Instruction => "instruction",
+        _ => "random",
     }
-    for (label, tps, rss) in rows {
-        let (name, ckpt) = label.split_once('-').unwrap_or((label, "off"));
-        let (_, ttps, trss) = PYTORCH.iter().find(|p| p.0 == ckpt).copied().unwrap_or(PYTORCH[0]);
-        println!("| lorafleet ({name}) | {ckpt} | {tps:.0} | {rss:.0} | {:.2} | {:.2} |", tps / ttps, rss / trss);
-    }
-    let get = |l: &str| rows.iter().find(|r| r.0 == l).map(|r| (r.1, r.2)).unwrap_or((0.0, 0.0));
-    for name in ["f32", "int8"] {
-        let (off, on) = (get(&format!("{name}-off")).0, get(&format!("{name}-on")).0);
-        println!("checkpointing costs {:.0}% of {name} throughput", 100.0 * (1.0 - on / off.max(1e-9)));
-    }
-    println!(
-        "int8 + checkpointing peak RSS: {:.2}x PyTorch + PEFT with checkpointing",
-        get("int8-on").1 / PYTORCH[1].2
-    );
 }
 
-/// The benchmark model's config.json (`peft_cpu_bench.py`: hidden 512, 8 layers, 8 heads).
-fn config() -> serde_json::Value {
+/// Runs `config`'s rounds, ours and theirs alternately.
+fn measure(args: &BenchArgs, reference: Option<&Reference>, config: Config) -> Result<Measured> {
+    let variants: &[&'static str] = if args.int8 && config.step.is_some() { &["f32", "int8"] } else { &["f32"] };
+    let mut m = Measured { ours: variants.iter().map(|v| (*v, Vec::new())).collect(), theirs: Vec::new(), config };
+    let label = m.config.label();
+    for round in 0..args.rounds {
+        let theirs_first = round % 2 == 1;
+        if theirs_first {
+            theirs(args, reference, &mut m, &label, round)?;
+        }
+        for k in 0..m.ours.len() {
+            let variant = m.ours[k].0;
+            let v = ours(args, &m.config, variant).with_context(|| format!("{label}: ours ({variant})"))?;
+            eprintln!("[{label}] round {}: lorafleet {variant} {}", round + 1, brief(&v));
+            m.ours[k].1.push(v);
+        }
+        if !theirs_first {
+            theirs(args, reference, &mut m, &label, round)?;
+        }
+    }
+    Ok(m)
+}
+
+fn theirs(args: &BenchArgs, reference: Option<&Reference>, m: &mut Measured, label: &str, round: usize) -> Result<()> {
+    let Some(r) = reference else { return Ok(()) };
+    let v = match &m.config.step {
+        Some((shape, dir, batch)) => {
+            r.step(dir, args.same_weights, batch, m.config.ckpt, shape.lora, args.steps, args.warmup)
+        }
+        None => r.demo(args.demo_steps, args.warmup),
+    }
+    .with_context(|| format!("{label}: PyTorch + PEFT"))?;
+    eprintln!("[{label}] round {}: PyTorch + PEFT {}", round + 1, brief(&v));
+    m.theirs.push(v);
+    Ok(())
+}
+
+fn brief(v: &Value) -> String {
+    format!("{:.0} tokens/s, peak RSS {:.0} MiB", tps(v), rss(v))
+}
+
+fn tps(v: &Value) -> f64 {
+    v["tokens_per_second"].as_f64().unwrap_or(f64::NAN)
+}
+
+fn rss(v: &Value) -> f64 {
+    v["peak_rss_mib"].as_f64().unwrap_or(f64::NAN)
+}
+
+/// This very binary: on Linux `/proc/self/exe`, which still runs it when a rebuild has
+/// replaced the file during a long benchmark.
+fn this_exe() -> Result<PathBuf> {
+    let proc = PathBuf::from("/proc/self/exe");
+    Ok(if proc.exists() { proc } else { std::env::current_exe()? })
+}
+
+/// One of our runs in a child process (`bench --only VARIANT`).
+fn ours(args: &BenchArgs, config: &Config, variant: &str) -> Result<Value> {
+    let mut c = Command::new(this_exe()?);
+    let only = if config.step.is_some() { variant } else { "demo" };
+    c.args(["bench", "--only", only, "--steps", &args.steps.to_string(), "--warmup", &args.warmup.to_string()])
+        .env("RAYON_NUM_THREADS", args.threads.to_string());
+    match &config.step {
+        Some((shape, dir, _)) => {
+            c.args(["--workload", shape.name, "--batches", config.batches, "--checkpointing", on_off(config.ckpt)])
+                .arg("--model")
+                .arg(dir);
+        }
+        None => {
+            c.args(["--workload", "demo", "--demo-steps", &args.demo_steps.to_string()]);
+        }
+    }
+    bench_reference::run_json(c, "coordinator bench --only")
+}
+
+/// A configuration's figures for one of our variants against theirs (measured or recorded).
+struct Row<'a> {
+    m: &'a Measured,
+    variant: &'static str,
+    ours_tps: Vec<f64>,
+    ours_rss: Vec<f64>,
+    theirs_tps: Vec<f64>,
+    theirs_rss: Vec<f64>,
+    recorded: Option<(f64, Option<f64>, &'static str)>,
+}
+
+impl Row<'_> {
+    fn ratios(&self) -> Vec<f64> {
+        self.ours_tps.iter().zip(&self.theirs_tps).map(|(o, t)| o / t).collect()
+    }
+    fn rss_ratios(&self) -> Vec<f64> {
+        self.ours_rss.iter().zip(&self.theirs_rss).map(|(o, t)| o / t).collect()
+    }
+    /// (theirs tokens/s, ratio, theirs RSS, RSS ratio), measured or else recorded.
+    fn against(&self) -> Option<(f64, f64, Option<f64>, Option<f64>)> {
+        if !self.theirs_tps.is_empty() {
+            let rss = median(&self.theirs_rss);
+            return Some((
+                median(&self.theirs_tps),
+                median(&self.ratios()),
+                Some(rss),
+                Some(median(&self.rss_ratios())),
+            ));
+        }
+        let (t, r, _) = self.recorded?;
+        Some((t, median(&self.ours_tps) / t, r, r.map(|r| median(&self.ours_rss) / r)))
+    }
+}
+
+fn rows(results: &[Measured]) -> Vec<Row<'_>> {
+    let mut out = Vec::new();
+    for m in results {
+        for (variant, runs) in &m.ours {
+            let c = &m.config;
+            out.push(Row {
+                m,
+                variant,
+                ours_tps: runs.iter().map(tps).collect(),
+                ours_rss: runs.iter().map(rss).collect(),
+                theirs_tps: m.theirs.iter().map(tps).collect(),
+                theirs_rss: m.theirs.iter().map(rss).collect(),
+                recorded: bench_reference::recorded(c.workload, c.batches, on_off(c.ckpt)),
+            });
+        }
+    }
+    out
+}
+
+fn fmt(x: Option<f64>, digits: usize) -> String {
+    x.filter(|v| v.is_finite()).map_or("—".into(), |v| format!("{v:.digits$}"))
+}
+
+fn print_report(args: &BenchArgs, reference: Option<&Reference>, results: &[Measured]) {
+    let rows = rows(results);
+    let demo = results.iter().any(|m| m.config.step.is_none());
+    let steps = results.iter().any(|m| m.config.step.is_some());
+    let mut what = Vec::new();
+    if steps {
+        what.push(format!("step workloads: median of {} timed steps after {} warm-up", args.steps, args.warmup));
+    }
+    if demo {
+        what.push(format!(
+            "demo: {} steps, tokens/s over steps {}..{}",
+            args.demo_steps,
+            args.warmup + 1,
+            args.demo_steps
+        ));
+    }
+    println!("{}; {} thread(s) a side, {} round(s)", what.join("; "), args.threads, args.rounds);
+    match reference {
+        Some(r) => println!("PyTorch + PEFT measured in this run: {} ({})", r.python.display(), r.versions),
+        None => println!(
+            "no reference: --reference-python not given; PyTorch + PEFT figures are recorded, not measured in this run"
+        ),
+    }
+    for row in &rows {
+        println!("\n{} — lorafleet {}: {}", row.m.config.label(), row.variant, describe(args, row.m));
+        println!(
+            "| round | lorafleet tok/s | PyTorch tok/s | ratio | lorafleet RSS (MiB) | PyTorch RSS (MiB) | RSS ratio |"
+        );
+        println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+        for i in 0..row.ours_tps.len() {
+            let (t, tr) = (row.theirs_tps.get(i).copied(), row.theirs_rss.get(i).copied());
+            println!(
+                "| {} | {:.0} | {} | {} | {:.0} | {} | {} |",
+                i + 1,
+                row.ours_tps[i],
+                fmt(t, 0),
+                fmt(t.map(|t| row.ours_tps[i] / t), 2),
+                row.ours_rss[i],
+                fmt(tr, 0),
+                fmt(tr.map(|r| row.ours_rss[i] / r), 2)
+            );
+        }
+        match (row.theirs_tps.is_empty(), row.against(), row.recorded) {
+            (false, Some((_, ratio, _, rss_ratio)), _) => println!(
+                "median of the {} pairwise ratios: {ratio:.2}x PyTorch + PEFT tokens/s, peak RSS {}x",
+                row.theirs_tps.len(),
+                fmt(rss_ratio, 2)
+            ),
+            (true, Some((t, ratio, r, rss_ratio)), Some((_, _, source))) => println!(
+                "against PyTorch + PEFT recorded, not measured in this run ({source}): {t:.0} tokens/s, peak RSS {} \
+                 MiB: {ratio:.2}x tokens/s, {}x RSS",
+                fmt(r, 0),
+                fmt(rss_ratio, 2)
+            ),
+            _ => println!(
+                "no PyTorch + PEFT figure: none recorded for this workload, none measured (--reference-python)"
+            ),
+        }
+        if let Some(line) = losses(args, row) {
+            println!("{line}");
+        }
+    }
+    let note = if reference.is_some() { "" } else { " (recorded, not measured in this run)" };
+    println!("\n## Summary: medians over {} round(s){note}\n", args.rounds);
+    println!(
+        "| workload | batches | checkpointing | lorafleet | lorafleet tok/s | PyTorch + PEFT tok/s{note} | ratio | lorafleet \
+         RSS (MiB) | PyTorch RSS (MiB) | RSS ratio |"
+    );
+    println!("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for row in &rows {
+        let c = &row.m.config;
+        let a = row.against();
+        println!(
+            "| {} | {} | {} | {} | {:.0} | {} | {} | {:.0} | {} | {} |",
+            c.workload,
+            c.batches,
+            on_off(c.ckpt),
+            row.variant,
+            median(&row.ours_tps),
+            fmt(a.map(|a| a.0), 0),
+            fmt(a.map(|a| a.1), 2),
+            median(&row.ours_rss),
+            fmt(a.and_then(|a| a.2), 0),
+            fmt(a.and_then(|a| a.3), 2)
+        );
+    }
+    println!("\nratio = median over rounds of (ours / PyTorch's) within a round; tokens/s counts non-padding tokens");
+    for row in rows.iter().filter(|r| r.m.config.ckpt) {
+        let off = rows.iter().find(|o| {
+            let (a, b) = (&o.m.config, &row.m.config);
+            !a.ckpt && a.workload == b.workload && a.batches == b.batches && o.variant == row.variant
+        });
+        if let Some(off) = off {
+            let (c, cost) = (&row.m.config, |on: &[f64], off: &[f64]| 100.0 * (1.0 - median(on) / median(off)));
+            let theirs = if row.theirs_tps.is_empty() {
+                String::new()
+            } else {
+                format!(" (PyTorch + PEFT: {:.0}%)", cost(&row.theirs_tps, &off.theirs_tps))
+            };
+            println!(
+                "checkpointing costs {:.0}% of lorafleet {}'s throughput on {} {}{theirs}",
+                cost(&row.ours_tps, &off.ours_tps),
+                row.variant,
+                c.workload,
+                c.batches
+            );
+        }
+    }
+}
+
+/// Both sides' first-step loss (demo: the last step's), from the first round.
+fn losses(args: &BenchArgs, row: &Row<'_>) -> Option<String> {
+    let (ours, theirs) = (row.m.ours.iter().find(|(v, _)| *v == row.variant)?.1.first()?, row.m.theirs.first()?);
+    if row.m.config.step.is_none() {
+        let last = |v: &Value| v["final_loss"].as_f64().unwrap_or(f64::NAN);
+        return Some(format!(
+            "loss of the last step: lorafleet {:.4}, PyTorch + PEFT {:.4} (different example orders)",
+            last(ours),
+            last(theirs)
+        ));
+    }
+    let first = |v: &Value| v["losses"][0].as_f64().unwrap_or(f64::NAN);
+    let (a, b) = (first(ours), first(theirs));
+    let note = if args.same_weights {
+        format!("same weights: |difference| {:.1e}", (a - b).abs())
+    } else {
+        "each side's own random init; --same-weights makes them comparable".to_owned()
+    };
+    Some(format!("first-step loss: lorafleet {a:.5}, PyTorch + PEFT {b:.5} ({note})"))
+}
+
+/// What a configuration trains on, in words.
+fn describe(args: &BenchArgs, m: &Measured) -> String {
+    let tokens = m.ours.first().and_then(|(_, r)| r.first()).and_then(|v| v["tokens"].as_f64()).unwrap_or(0.0);
+    match (&m.config.step, m.config.batches) {
+        (Some((shape, _, _)), batches) => {
+            let rows = if batches == "instruction" {
+                let l: Vec<String> = bench_ours::INSTRUCTION_LENGTHS.iter().map(|l| l.to_string()).collect();
+                format!("rows of {} tokens, right padded, loss on the last 60% of each", l.join("/"))
+            } else {
+                "4 × 256 random tokens".to_owned()
+            };
+            let (r, alpha, dropout) = shape.lora;
+            format!("{rows} ({tokens:.0} tokens a step), LoRA r {r} alpha {alpha} dropout {dropout} on q,v")
+        }
+        (None, _) => format!(
+            "{} steps of the demo's training ({tokens:.0} non-padding tokens after {} warm-up step(s))",
+            args.demo_steps, args.warmup
+        ),
+    }
+}
+
+fn json_report(args: &BenchArgs, reference: Option<&Reference>, results: &[Measured]) -> Value {
+    let rows: Vec<Value> = rows(results)
+        .iter()
+        .map(|row| {
+            let c = &row.m.config;
+            let a = row.against();
+            let source = match (row.theirs_tps.is_empty(), row.recorded) {
+                (false, _) => json!("measured"),
+                (true, Some((_, _, s))) => json!(format!("recorded: {s}")),
+                (true, None) => Value::Null,
+            };
+            let index = row.m.ours.iter().position(|(v, _)| *v == row.variant).unwrap_or(0);
+            json!({
+                "workload": c.workload, "batches": c.batches, "checkpointing": c.ckpt, "lorafleet": row.variant,
+                "ours_tokens_per_second": median(&row.ours_tps), "ours_peak_rss_mib": median(&row.ours_rss),
+                "theirs_tokens_per_second": a.map(|a| a.0), "theirs_peak_rss_mib": a.and_then(|a| a.2),
+                "ratio": a.map(|a| a.1), "rss_ratio": a.and_then(|a| a.3), "ratios": row.ratios(),
+                "rss_ratios": row.rss_ratios(), "theirs_source": source,
+                "ours_runs": row.m.ours[index].1, "theirs_runs": row.m.theirs,
+            })
+        })
+        .collect();
     json!({
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 32000, "hidden_size": 512,
-        "intermediate_size": 1376, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 8,
-        "max_position_embeddings": 512, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": false,
-        "torch_dtype": "float32", "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2
+        "reference": reference.map(|r| json!({"python": r.python.display().to_string(), "versions": r.versions})),
+        "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "threads": args.threads,
+        "demo_steps": args.demo_steps, "same_weights": args.same_weights, "results": rows,
     })
 }
 
-fn write_model(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let cfg = config();
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg)?)?;
-    let c = lorafleet_common::ModelConfig::from_value(&dir.join("config.json"), cfg)?;
-    let (h, i, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
-    let mut tensors: Vec<(String, Tensor)> = Vec::new();
-    let randn = |shape: (usize, usize)| Tensor::randn(0f32, 0.02, shape, &Device::Cpu);
-    tensors.push(("model.embed_tokens.weight".into(), randn((v, h))?));
-    tensors.push(("lm_head.weight".into(), randn((v, h))?));
-    tensors.push(("model.norm.weight".into(), Tensor::ones(h, DType::F32, &Device::Cpu)?));
-    for l in 0..c.num_hidden_layers {
-        let p = format!("model.layers.{l}");
-        for (name, shape) in [
-            ("self_attn.q_proj", (h, h)),
-            ("self_attn.k_proj", (h, h)),
-            ("self_attn.v_proj", (h, h)),
-            ("self_attn.o_proj", (h, h)),
-            ("mlp.gate_proj", (i, h)),
-            ("mlp.up_proj", (i, h)),
-            ("mlp.down_proj", (h, i)),
-        ] {
-            tensors.push((format!("{p}.{name}.weight"), randn(shape)?));
-        }
-        for norm in ["input_layernorm", "post_attention_layernorm"] {
-            tensors.push((format!("{p}.{norm}.weight"), Tensor::ones(h, DType::F32, &Device::Cpu)?));
-        }
-    }
-    let bytes = safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), None)?;
-    std::fs::write(dir.join("model.safetensors"), bytes)?;
-    Ok(())
-}
+#[cfg(test)]
+mod tests {
+    use super::median;
 
-/// One configuration, in this process: prints `{"tokens_per_second", "peak_rss_mib", ...}`.
-fn one_config(args: &BenchArgs, label: &str) -> Result<()> {
-    let (_, int8, ckpt) = CONFIGS
-        .iter()
-        .copied()
-        .find(|(n, _, c)| format!("{n}-{}", if *c { "on" } else { "off" }) == label)
-        .with_context(|| format!("--only {label}: expected f32-off, f32-on, int8-off or int8-on"))?;
-    let dir = args.model.as_deref().context("--only needs --model")?;
-    let quant = if int8 { Quantization::Int8 { group: None } } else { Quantization::None };
-    let model = Arc::new(Llama::load_quantized(dir, DType::F32, &Device::Cpu, quant)?);
-    let lora = LoraConfig { r: 8, lora_alpha: 8.0, lora_dropout: 0.05, ..LoraConfig::default() };
-    let adapter = LoraAdapter::init(lora, model.config(), 0, &Device::Cpu)?;
-    let mut replica = Replica::new(model.clone(), adapter, AdamWConfig::default(), Box::new(SingleRank), 0)?;
-    replica.set_gradient_checkpointing(ckpt);
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-    let (rows, seq) = (4, 256);
-    let ids: Vec<u32> = (0..rows * seq).map(|_| rng.random_range(0..32000)).collect();
-    let batch = Batch {
-        rows,
-        seq_len: seq,
-        labels: ids.iter().map(|&i| i64::from(i)).collect(),
-        input_ids: ids,
-        attention_mask: vec![1; rows * seq],
-        example_ids: (0..rows as u64).collect(),
-    };
-    let mut times = Vec::new();
-    let mut losses = Vec::new();
-    for step in 1..=(args.warmup + args.steps) {
-        let t = Instant::now();
-        let (stats, _) = replica.step(std::slice::from_ref(&batch), step as u64, 3e-4, 1.0)?;
-        if step > args.warmup {
-            times.push(t.elapsed().as_secs_f64());
-        }
-        losses.push(stats.loss);
+    #[test]
+    fn median_of_odd_even_and_empty() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(&[f64::NAN, 5.0]), 5.0);
+        assert_eq!(median(&[]), 0.0);
     }
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
-    let v = json!({
-        "config": label, "median_step_seconds": median, "tokens_per_second": (rows * seq) as f64 / median,
-        "peak_rss_mib": peak_rss_mib()?, "losses": losses,
-    });
-    println!("{v}");
-    Ok(())
-}
-
-/// The process's peak resident set (VmHWM), in MiB.
-fn peak_rss_mib() -> Result<f64> {
-    let bytes = lorafleet_worker::node::process_status_bytes("VmHWM").context("no VmHWM in /proc/self/status")?;
-    Ok(bytes as f64 / (1 << 20) as f64)
 }

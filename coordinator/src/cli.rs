@@ -36,25 +36,99 @@ pub enum Command {
         /// Folder for `cert.der` and `key.der`.
         dir: PathBuf,
     },
-    /// Training speed and peak memory on the 58M benchmark model, beside PyTorch + PEFT
-    /// (`--scaling`: data-parallel scaling over CPU workers).
+    /// Training speed and peak memory of lorafleet beside PyTorch + PEFT, measured side by side
+    /// in one invocation with `--reference-python` (`--scaling`: data-parallel scaling over CPU
+    /// workers).
     Bench(BenchArgs),
+}
+
+/// A `bench` workload.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchWorkload {
+    /// The 58M-parameter Llama of `../shared/bench/peft_cpu_bench.py` (hidden 512, 8 layers).
+    #[value(name = "58m")]
+    M58,
+    /// A 135M-parameter Llama of SmolLM-135M's shape (hidden 576, 30 layers, GQA 9/3, tied).
+    #[value(name = "135m")]
+    M135,
+    /// The demo's training (demo/demo.toml) for `--demo-steps` steps (slow: not in the default).
+    Demo,
+}
+
+/// `off`, `on` or both (in turn).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OffOnBoth {
+    /// Keep every activation.
+    Off,
+    /// Recompute each block's activations in the backward.
+    On,
+    /// Off, then on.
+    Both,
+}
+
+/// Which batches the step benchmarks train on.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchBatches {
+    /// 4 rows × 256 random tokens, no padding, labels = inputs.
+    Random,
+    /// 4 rows of 256, 201, 143 and 97 tokens, right padded; no loss on padding and on each
+    /// row's first 40% (the prompt).
+    Instruction,
+    /// Both kinds, in turn.
+    Both,
 }
 
 /// `coordinator bench`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Timed steps per configuration (median reported).
+    /// Timed steps per run of the 58m and 135m workloads (median reported).
     #[arg(long, default_value_t = 3)]
     pub steps: usize,
-    /// Untimed warm-up steps.
+    /// Untimed warm-up steps (`demo`: the first steps of its `--demo-steps`, left out of its
+    /// tokens/s).
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
     /// Data-parallel scaling instead: step time split into compute and communication for
     /// 1, 2 and 4 CPU worker processes on the demo and the 58M model.
     #[arg(long)]
     pub scaling: bool,
-    /// Run one configuration in this process (used by the benchmark itself).
+    /// Python interpreter with torch, transformers and peft: runs PyTorch + PEFT on the same
+    /// workloads in this invocation, alternating with ours (without it: PyTorch's recorded
+    /// figures, where there are any).
+    #[arg(long = "reference-python", value_name = "PY")]
+    pub reference_python: Option<PathBuf>,
+    /// Rounds per workload; each round runs ours and PyTorch once, each in a fresh process.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Workloads to run (repeat; default: 58m and 135m).
+    #[arg(long = "workload", value_enum)]
+    pub workloads: Vec<BenchWorkload>,
+    /// Activation checkpointing for the 58m and 135m workloads (both sides).
+    #[arg(long, value_enum, default_value_t = OffOnBoth::Both)]
+    pub checkpointing: OffOnBoth,
+    /// Batches for the 58m and 135m workloads.
+    #[arg(long, value_enum, default_value_t = BenchBatches::Both)]
+    pub batches: BenchBatches,
+    /// Optimizer steps of the `demo` workload, warm-up included (324: the whole demo).
+    #[arg(long = "demo-steps", default_value_t = 60)]
+    pub demo_steps: usize,
+    /// Compute threads on both sides (RAYON_NUM_THREADS for ours; torch.set_num_threads and
+    /// OMP/MKL_NUM_THREADS for PyTorch).
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// Also run ours with an int8 base model (compared with the same PyTorch f32 runs).
+    #[arg(long)]
+    pub int8: bool,
+    /// PyTorch loads our random model instead of initialising its own, so that both sides'
+    /// first-step losses must agree (a check that both train on the same thing; loading
+    /// changes PyTorch's peak RSS).
+    #[arg(long = "same-weights")]
+    pub same_weights: bool,
+    /// Print one JSON object instead of tables.
+    #[arg(long)]
+    pub json: bool,
+    /// Run one of our configurations in this process (`f32`, `int8` or `demo`; used by the
+    /// benchmark itself).
     #[arg(long, hide = true)]
     pub only: Option<String>,
     /// The model folder for `--only`.

@@ -1,6 +1,8 @@
 //! `coordinator`: the lorafleet command line (train, eval, generate, merge).
 
 mod bench_cmd;
+mod bench_ours;
+mod bench_reference;
 mod bench_scaling;
 mod cli;
 mod cluster;

@@ -1,0 +1,189 @@
+#!/usr/bin/env python3
+"""The demo's LoRA training (demo/demo.toml) with PyTorch + PEFT, timed: the PyTorch side of
+`coordinator bench --workload demo --reference-python PY`, and usable alone.
+
+Settings, all read from demo/demo.toml (as `coordinator --demo` reads them):
+- base model demo/base (float32, attention --attn, default sdpa), tokenizer
+  PreTrainedTokenizerFast(tokenizer_file=demo/base/tokenizer.json) (it prepends <s>);
+- alpaca-lora's `alpaca` template; an example is tokenize(prompt) with <s> + tokenize(output)
+  without special tokens + </s>, truncated to cutoff_len (a cut example keeps no </s>), labels
+  -100 on the prompt tokens unless train_on_inputs; examples with no target token are dropped
+  (lorafleet's common/src/data/tokenize.rs);
+- batches of micro_batch_size right padded with <pad> to a multiple of --pad-multiple (8, as
+  lorafleet's Batch::from_examples), attention mask 0 and label -100 on padding; gradient
+  accumulation batch_size / micro_batch_size;
+- LoraConfig(r=lora_r, lora_alpha, lora_dropout, target_modules, bias="none",
+  task_type="CAUSAL_LM"); torch.manual_seed(seed) before loading the model;
+- AdamW(lr=learning_rate, betas (0.9, 0.999), eps 1e-8, weight_decay) on the LoRA parameters,
+  get_linear_schedule_with_warmup(warmup_steps, total steps), gradient clipping max_grad_norm;
+- example order: random.Random(seed), one shuffle of the index list per epoch (demo/README.md).
+  lorafleet shuffles with its own generator, so the two runs see different batches; per
+  batch they are padded the same way.
+
+--max-steps N trains the first N steps (the schedule then spans N steps, as lorafleet's
+--max_steps). Tokenization and batching happen before the loop; the timed loop is the steps
+only (zero_grad, forward, backward, clipping, AdamW, scheduler). tokens/s counts non-padding
+tokens of the steps after --warmup over their time. Peak RSS = ru_maxrss at the end.
+
+Usage: python tools/peft_demo_train.py --threads 2 --max-steps 60 --json
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import resource
+import sys
+import time
+import tomllib
+
+PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+                "Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
+                "### Input:\n{input}\n\n### Response:\n")
+PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+                   "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+
+
+def parse():
+    here = os.path.dirname(os.path.abspath(__file__))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--demo-dir", default=os.path.join(here, "..", "demo"), help="the demo folder (demo.toml)")
+    ap.add_argument("--max-steps", type=int, help="optimizer steps (default: the demo's epochs)")
+    ap.add_argument("--warmup", type=int, default=2, help="steps not counted in the timed tokens/s")
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (also OMP/MKL env)")
+    ap.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa", help="attention implementation")
+    ap.add_argument("--pad-multiple", type=int, default=8, help="pad each batch to a multiple of this")
+    ap.add_argument("--json", action="store_true", help="also print one JSON line with the results (last line)")
+    return ap.parse_args()
+
+
+def rss_peak_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def main():
+    args = parse()
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(args.threads)
+    for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
+        os.environ.pop(var, None)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    demo = os.path.abspath(args.demo_dir)
+    root = os.path.dirname(demo)  # demo.toml's paths are relative to the repository
+    with open(os.path.join(demo, "demo.toml"), "rb") as f:
+        c = tomllib.load(f)
+    assert c.get("lr_scheduler", "linear") == "linear", "only the linear schedule is implemented here"
+    assert c.get("prompt_template_name", "alpaca") == "alpaca", "only the alpaca template is implemented here"
+
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch
+    import transformers
+    import peft
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, get_linear_schedule_with_warmup
+
+    torch.set_num_threads(args.threads)
+    base = os.path.join(root, c["base_model"])
+    tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(base, "tokenizer.json"))
+    eos, pad = tok.convert_tokens_to_ids("</s>"), tok.convert_tokens_to_ids("<pad>")
+    cutoff, train_on_inputs = c["cutoff_len"], c.get("train_on_inputs", False)
+
+    examples = []
+    with open(os.path.join(root, c["data_path"])) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    for r in records:
+        template = PROMPT_INPUT if r.get("input") else PROMPT_NO_INPUT
+        prompt = template.format(instruction=r["instruction"], input=r.get("input", ""))
+        p_ids = tok(prompt)["input_ids"]
+        a_ids = tok(r["output"], add_special_tokens=False)["input_ids"] + [eos]
+        ids = (p_ids + a_ids)[:cutoff]
+        labels = ([l if train_on_inputs else -100 for l in p_ids] + a_ids)[:cutoff]
+        if any(l != -100 for l in labels[1:]):
+            examples.append((ids, labels))
+    assert tok(PROMPT_NO_INPUT)["input_ids"][0] == tok.convert_tokens_to_ids("<s>"), "the tokenizer adds no <s>"
+
+    batch, micro = c["batch_size"], c["micro_batch_size"]
+    accum = batch // micro
+    per_epoch = math.ceil(len(examples) / batch)
+    total = args.max_steps or per_epoch * c["num_epochs"]
+    rng = random.Random(c["seed"])
+    steps = []  # each: a list of micro-batches (input_ids, attention_mask, labels) tensors
+    while len(steps) < total:
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        for s in range(per_epoch):
+            if len(steps) == total:
+                break
+            chosen = order[s * batch:(s + 1) * batch]
+            micros = []
+            for m in range(0, len(chosen), micro):
+                rows = [examples[i] for i in chosen[m:m + micro]]
+                longest = max(len(ids) for ids, _ in rows)
+                seq = -(-longest // args.pad_multiple) * args.pad_multiple
+                ids = torch.full((len(rows), seq), pad, dtype=torch.long)
+                mask = torch.zeros((len(rows), seq), dtype=torch.long)
+                lab = torch.full((len(rows), seq), -100, dtype=torch.long)
+                for k, (x, y) in enumerate(rows):
+                    ids[k, :len(x)] = torch.tensor(x)
+                    mask[k, :len(x)] = 1
+                    lab[k, :len(y)] = torch.tensor(y)
+                micros.append((ids, mask, lab))
+            steps.append(micros)
+
+    torch.manual_seed(c["seed"])
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation=args.attn)
+    if c.get("gradient_checkpointing", False):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lcfg = LoraConfig(r=c["lora_r"], lora_alpha=c["lora_alpha"], lora_dropout=c["lora_dropout"],
+                      target_modules=list(c["lora_target_modules"]), bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(model, lcfg)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=c["learning_rate"], betas=(0.9, 0.999), eps=1e-8,
+                            weight_decay=c.get("weight_decay", 0.0))
+    sched = get_linear_schedule_with_warmup(opt, num_warmup_steps=c.get("warmup_steps", 0), num_training_steps=total)
+    clip = c.get("max_grad_norm", 1.0)
+    print(f"python {platform.python_version()}  torch {torch.__version__}  transformers {transformers.__version__}  "
+          f"peft {peft.__version__}  threads={torch.get_num_threads()} attn={args.attn}", flush=True)
+    print(f"{len(examples)} examples, {total} steps of {batch} ({accum} x {micro}), trainable "
+          f"{sum(p.numel() for p in trainable)} parameters", flush=True)
+
+    times, tokens, losses = [], [], []
+    for i, micros in enumerate(steps):
+        t = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for ids, mask, lab in micros:
+            out = model(input_ids=ids, attention_mask=mask, labels=lab, use_cache=False)
+            (out.loss / len(micros)).backward()
+            loss_sum += out.loss.item() / len(micros)
+        if clip and clip > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, clip)
+        opt.step()
+        sched.step()
+        times.append(time.perf_counter() - t)
+        tokens.append(sum(int(m.sum()) for _, m, _ in micros))
+        losses.append(loss_sum)
+        if (i + 1) % 10 == 0 or i + 1 == total:
+            print(f"step {i + 1} loss {loss_sum:.4f} {tokens[-1] / times[-1]:.0f} tok/s", flush=True)
+
+    w = min(args.warmup, len(times) - 1)
+    tps = sum(tokens[w:]) / sum(times[w:])
+    peak = rss_peak_mib()
+    print(f"RESULT {sum(tokens[w:])} non-padding tokens in {sum(times[w:]):.2f} s over steps {w + 1}..{total}: "
+          f"{tps:.0f} tokens/s; all steps {sum(tokens) / sum(times):.0f} tokens/s; peak RSS {peak:.0f} MiB", flush=True)
+    if args.json:
+        print(json.dumps(dict(steps=total, timed_steps=total - w, tokens=sum(tokens[w:]), seconds=sum(times[w:]),
+                              tokens_per_second=tps, all_steps_tokens_per_second=sum(tokens) / sum(times),
+                              final_loss=losses[-1], peak_rss_mib=peak, threads=args.threads, attn=args.attn,
+                              torch=torch.__version__, transformers=transformers.__version__,
+                              peft=peft.__version__)), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
