@@ -14,10 +14,12 @@ pub struct FrozenLinear {
 }
 
 impl FrozenLinear {
-    /// `weight` is `[out, in]` as stored by transformers; `bias` is `[out]`.
+    /// `weight` is `[out, in]` as stored by transformers; `bias` is `[out]`. A contiguous
+    /// view (rows of a larger matrix, such as q's rows of a concatenated q|k|v) is kept as a
+    /// view: the matmul reads it at its offset.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let (out, _) = weight.dims2()?;
-        let weight = crate::dense(&weight.detach())?;
+        let weight = if weight.is_contiguous() { weight.detach() } else { weight.force_contiguous()? };
         let bias = bias.map(|b| FrozenBias::new(b, out)).transpose()?;
         let matmul: Arc<Box<dyn CustomOp1 + Send + Sync>> = Arc::new(Box::new(MatmulWt { weight: weight.clone() }));
         Ok(Self { weight, bias, matmul })

@@ -163,7 +163,8 @@ fn dropped<'s>(x: &'s [f32], inp: usize, dropout: Option<&Dropout<'_>>, scratch:
 impl Frozen<'_> {
     /// `y = x·Wᵀ` (`y` `[N, out]`): one GEMM, or for int8 one per tile of output rows
     /// dequantized into the reused tile buffer, each writing its block of columns.
-    fn forward(&self, x: MatRef<'_>, mut y: MatMut<'_>, tile: &mut Vec<f32>) {
+    pub fn forward(&self, x: MatRef<'_>, mut y: MatMut<'_>, scratch: &mut Scratch) {
+        let tile = &mut scratch.tile;
         let (k, n) = (self.inp, x.rows());
         match self.w {
             Weight::F32(w) => matmul(y, x, MatRef::new(w, self.out, k).t(), 1.0, false, Par::Pool),
@@ -179,7 +180,8 @@ impl Frozen<'_> {
     }
 
     /// `dx (+)= dY·W` (`dx` `[N, in]`), tile by tile for int8 (each tile accumulates).
-    fn backward(&self, dy: MatRef<'_>, dx: &mut [f32], accumulate: bool, tile: &mut Vec<f32>) {
+    pub fn backward(&self, dy: MatRef<'_>, dx: &mut [f32], accumulate: bool, scratch: &mut Scratch) {
+        let tile = &mut scratch.tile;
         let (k, n) = (self.inp, dy.rows());
         match self.w {
             Weight::F32(w) => {
@@ -233,8 +235,21 @@ pub fn forward(
     scratch: &mut Scratch,
 ) {
     let n = x.len() / w.inp;
-    let xm = MatRef::new(x, n, w.inp);
-    w.forward(xm, y.rb(), &mut scratch.tile);
+    w.forward(MatRef::new(x, n, w.inp), y.rb(), scratch);
+    branch_forward(x, w, lora, y, u, scratch);
+}
+
+/// The rest of [`forward`] once `y` holds `x·Wᵀ` (from a GEMM shared with other modules):
+/// adds the bias and `s·u·Bᵀ`, and overwrites `u` with `drop(x)·Aᵀ`.
+pub fn branch_forward(
+    x: &[f32],
+    w: &Frozen<'_>,
+    lora: Option<&Adapter<'_>>,
+    mut y: MatMut<'_>,
+    u: &mut [f32],
+    scratch: &mut Scratch,
+) {
+    let n = x.len() / w.inp;
     if let Some(b) = w.bias {
         y.add_row_vector(b);
     }
@@ -282,10 +297,24 @@ pub fn backward(
     accumulate: bool,
     scratch: &mut Scratch,
 ) {
-    let n = x.len() / w.inp;
     if let Some(dx) = dx.as_deref_mut() {
-        w.backward(dy, dx, accumulate, &mut scratch.tile);
+        w.backward(dy, dx, accumulate, scratch);
     }
+    branch_backward(x, w, lora, dy, u, dx, scratch);
+}
+
+/// The LoRA part of [`backward`] (for a module whose `dY·W` a GEMM shared with other modules
+/// computed): `dA`, `dB` and, when `dx` is given, `dx += s·((dY·B)·A)∘mask`.
+pub fn branch_backward(
+    x: &[f32],
+    w: &Frozen<'_>,
+    lora: Option<(&Adapter<'_>, PairGrads<'_>)>,
+    dy: MatRef<'_>,
+    u: &[f32],
+    dx: Option<&mut [f32]>,
+    scratch: &mut Scratch,
+) {
+    let n = x.len() / w.inp;
     let Some((l, g)) = lora else { return };
     let r = l.rank;
     let low = sized(&mut scratch.low, n * r);

@@ -80,7 +80,16 @@ pub(crate) struct GradScratch {
     dq: Vec<f32>,
     dk: Vec<f32>,
     dv: Vec<f32>,
+    /// `dq | dk | dv` side by side, for one GEMM through `[q; k; v]`.
+    dqkv: Vec<f32>,
     lora: Scratch,
+}
+
+/// Forward buffers shared by all blocks: `q | k | v` as the fused GEMM writes them.
+#[derive(Default)]
+pub(crate) struct FwdScratch {
+    qkv: Vec<f32>,
+    pub lora: Scratch,
 }
 
 /// The LoRA pair of each module of one block and, in the backward, where its gradient
@@ -96,18 +105,34 @@ pub(crate) fn forward(
     x: &[f32],
     acts: &mut Acts,
     out: &mut [f32],
-    scratch: &mut Scratch,
+    fs: &mut FwdScratch,
 ) {
     let (n, d, f) = (ctx.tokens(), ctx.hidden, ctx.intermediate);
     let (qw, kvw) = (ctx.q_width(), ctx.kv_width());
     let a = acts;
+    let scratch = &mut fs.lora;
     time(Op::Norm, || rms_norm::forward(x, w.norm1, ctx.eps, fit(&mut a.x1, n * d), fit(&mut a.rstd1, n)));
-    for (m, buf, width) in [(Q, &mut a.q, qw), (K, &mut a.k, kvw), (V, &mut a.v, kvw)] {
-        let rank = lora[m].map_or(0, |l| l.rank);
-        let y = MatMut::new(fit(buf, n * width), n, width);
-        time(Op::LinearForward, || {
-            lora_linear::forward(&a.x1, &w.lin[m], lora[m].as_ref(), y, fit(&mut a.u[m], n * rank), scratch)
-        });
+    // q|k|v = lin(x1): one GEMM over [q; k; v] when the weights are stored side by side.
+    let qkv_cols = [(Q, 0, qw), (K, qw, kvw), (V, qw + kvw, kvw)];
+    let (x1, width) = (&a.x1[..], qw + 2 * kvw);
+    if let Some(fw) = &w.qkv {
+        let qkv = fit(&mut fs.qkv, n * width);
+        time(Op::LinearForward, || fw.forward(MatRef::new(x1, n, d), MatMut::new(qkv, n, width), scratch));
+        for (m, c0, cols) in qkv_cols {
+            let (y, u) = (MatMut::block(qkv, width, 0, n, c0, cols), fit(&mut a.u[m], n * rank(lora, m)));
+            time(Op::LinearForward, || lora_linear::branch_forward(x1, &w.lin[m], lora[m].as_ref(), y, u, scratch));
+        }
+        for (buf, (_, c0, cols)) in [&mut a.q, &mut a.k, &mut a.v].into_iter().zip(qkv_cols) {
+            let dst = fit(buf, n * cols);
+            for (row, src) in dst.chunks_exact_mut(cols).zip(qkv.chunks_exact(width)) {
+                row.copy_from_slice(&src[c0..c0 + cols]);
+            }
+        }
+    } else {
+        for (buf, (m, _, cols)) in [&mut a.q, &mut a.k, &mut a.v].into_iter().zip(qkv_cols) {
+            let (y, u) = (MatMut::new(fit(buf, n * cols), n, cols), fit(&mut a.u[m], n * rank(lora, m)));
+            time(Op::LinearForward, || lora_linear::forward(x1, &w.lin[m], lora[m].as_ref(), y, u, scratch));
+        }
     }
     let hd = ctx.attention.head_dim;
     time(Op::Rope, || rope::apply(&mut a.q, qw, 0, ctx.attention.heads, hd, ctx.positions, ctx.cos, ctx.sin, false));
@@ -117,23 +142,26 @@ pub(crate) fn forward(
     let heads = ctx.attention.heads;
     let (o, lse) = (fit(&mut a.o, n * qw), fit(&mut a.lse, heads * n));
     time(Op::AttentionForward, || attention::forward(&ctx.attention, ctx.cu_seqlens, &a.q, &a.k, &a.v, o, lse));
-    let rank = lora[O].map_or(0, |l| l.rank);
     let h1 = fit(&mut a.h1, n * d);
-    let (y, u) = (MatMut::new(h1, n, d), fit(&mut a.u[O], n * rank));
+    let (y, u) = (MatMut::new(h1, n, d), fit(&mut a.u[O], n * rank(lora, O)));
     time(Op::LinearForward, || lora_linear::forward(&a.o, &w.lin[O], lora[O].as_ref(), y, u, scratch));
     time(Op::Residual, || add_into(h1, x));
     time(Op::Norm, || rms_norm::forward(h1, w.norm2, ctx.eps, fit(&mut a.x2, n * d), fit(&mut a.rstd2, n)));
-    let eg = fit(&mut a.eg, n * 2 * f);
+    // e|g = gate|up(x2), written side by side into one [N, 2f] buffer.
+    let (x2, eg) = (&a.x2[..], fit(&mut a.eg, n * 2 * f));
+    if let Some(fw) = &w.gate_up {
+        time(Op::LinearForward, || fw.forward(MatRef::new(x2, n, d), MatMut::new(eg, n, 2 * f), scratch));
+    }
     for (m, c0) in [(GATE, 0), (UP, f)] {
-        let rank = lora[m].map_or(0, |l| l.rank);
-        let y = MatMut::block(eg, 2 * f, 0, n, c0, f);
-        time(Op::LinearForward, || {
-            lora_linear::forward(&a.x2, &w.lin[m], lora[m].as_ref(), y, fit(&mut a.u[m], n * rank), scratch)
-        });
+        let (y, u) = (MatMut::block(eg, 2 * f, 0, n, c0, f), fit(&mut a.u[m], n * rank(lora, m)));
+        let (wm, l) = (&w.lin[m], lora[m].as_ref());
+        match w.gate_up {
+            Some(_) => time(Op::LinearForward, || lora_linear::branch_forward(x2, wm, l, y, u, scratch)),
+            None => time(Op::LinearForward, || lora_linear::forward(x2, wm, l, y, u, scratch)),
+        }
     }
     time(Op::Swiglu, || swiglu::forward(eg, f, fit(&mut a.m, n * f)));
-    let rank = lora[DOWN].map_or(0, |l| l.rank);
-    let (y, u) = (MatMut::new(out, n, d), fit(&mut a.u[DOWN], n * rank));
+    let (y, u) = (MatMut::new(out, n, d), fit(&mut a.u[DOWN], n * rank(lora, DOWN)));
     time(Op::LinearForward, || lora_linear::forward(&a.m, &w.lin[DOWN], lora[DOWN].as_ref(), y, u, scratch));
     time(Op::Residual, || add_into(out, &a.h1));
 }
@@ -163,21 +191,18 @@ pub(crate) fn backward(
     });
     // m = silu(e)·g
     time(Op::Swiglu, || swiglu::backward(&a.eg, f, &g.dm, fit(&mut g.deg, n * 2 * f)));
-    // e|g = gate|up(x2): dx2 = de·W_gate + dg·W_up (+ LoRA)
+    // e|g = gate|up(x2): dx2 = de·W_gate + dg·W_up (+ LoRA), one GEMM through [gate; up].
     let dx2 = fit(&mut g.dx, n * d);
+    if let Some(fw) = &w.gate_up {
+        let deg = MatRef::new(&g.deg, n, 2 * f);
+        time(Op::LinearBackward, || fw.backward(deg, dx2, false, &mut g.lora));
+    }
     for (i, (m, c0)) in [(GATE, 0), (UP, f)].into_iter().enumerate() {
         let dy = MatRef::block(&g.deg, 2 * f, 0, n, c0, f);
-        time(Op::LinearBackward, || {
-            lora_linear::backward(
-                &a.x2,
-                &w.lin[m],
-                pair(lora, grads, m),
-                dy,
-                &a.u[m],
-                Some(&mut *dx2),
-                i > 0,
-                &mut g.lora,
-            )
+        let (x2, wm, u) = (&a.x2[..], &w.lin[m], &a.u[m][..]);
+        time(Op::LinearBackward, || match w.gate_up {
+            Some(_) => lora_linear::branch_backward(x2, wm, pair(lora, grads, m), dy, u, Some(&mut *dx2), &mut g.lora),
+            None => lora_linear::backward(x2, wm, pair(lora, grads, m), dy, u, Some(&mut *dx2), i > 0, &mut g.lora),
         });
     }
     // x2 = norm2(h1): dh1 = dout + norm2ᵀ(dx2)
@@ -196,19 +221,39 @@ pub(crate) fn backward(
     let hd = ctx.attention.head_dim;
     time(Op::Rope, || rope::apply(dq, qw, 0, ctx.attention.heads, hd, ctx.positions, ctx.cos, ctx.sin, true));
     time(Op::Rope, || rope::apply(dk, kvw, 0, ctx.attention.kv_heads, hd, ctx.positions, ctx.cos, ctx.sin, true));
-    // q|k|v = lin(x1): dx1 = Σ dY_m·W_m (+ LoRA)
+    // q|k|v = lin(x1): dx1 = Σ dY_m·W_m (+ LoRA), one GEMM through [q; k; v].
     let dx1 = fit(&mut g.dx, n * d);
-    for (i, (m, dy, width)) in [(Q, &g.dq, qw), (K, &g.dk, kvw), (V, &g.dv, kvw)].into_iter().enumerate() {
+    let width = qw + 2 * kvw;
+    let fused = match (&w.qkv, need_dx) {
+        (Some(fw), true) => {
+            let dqkv = fit(&mut g.dqkv, n * width);
+            for (src, (c0, cols)) in [&g.dq, &g.dk, &g.dv].into_iter().zip([(0, qw), (qw, kvw), (qw + kvw, kvw)]) {
+                for (row, s) in dqkv.chunks_exact_mut(width).zip(src.chunks_exact(cols)) {
+                    row[c0..c0 + cols].copy_from_slice(s);
+                }
+            }
+            time(Op::LinearBackward, || fw.backward(MatRef::new(dqkv, n, width), dx1, false, &mut g.lora));
+            true
+        }
+        _ => false,
+    };
+    for (i, (m, dy, cols)) in [(Q, &g.dq, qw), (K, &g.dk, kvw), (V, &g.dv, kvw)].into_iter().enumerate() {
         let dx = need_dx.then_some(&mut *dx1);
-        let dy = MatRef::new(dy, n, width);
-        time(Op::LinearBackward, || {
-            lora_linear::backward(&a.x1, &w.lin[m], pair(lora, grads, m), dy, &a.u[m], dx, i > 0, &mut g.lora)
+        let (dy, wm, u) = (MatRef::new(dy, n, cols), &w.lin[m], &a.u[m][..]);
+        time(Op::LinearBackward, || match fused {
+            true => lora_linear::branch_backward(&a.x1, wm, pair(lora, grads, m), dy, u, dx, &mut g.lora),
+            false => lora_linear::backward(&a.x1, wm, pair(lora, grads, m), dy, u, dx, i > 0, &mut g.lora),
         });
     }
     if need_dx {
         // x1 = norm1(x): dx = dh1 + norm1ᵀ(dx1)
         time(Op::Norm, || rms_norm::backward(&g.dx, x, w.norm1, &a.rstd1, dout));
     }
+}
+
+/// The rank of module `m`'s LoRA pair (0 when it has none).
+fn rank(lora: &BlockAdapters<'_>, m: usize) -> usize {
+    lora[m].map_or(0, |l| l.rank)
 }
 
 /// Module `m`'s adapter with a reborrow of its gradient sums, if it is adapted.

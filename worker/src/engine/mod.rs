@@ -19,10 +19,10 @@ use crate::dropout::{mix, Dropout};
 use crate::error::{Error, Result};
 use crate::lora::LoraAdapter;
 use crate::model::Llama;
-use block::{fit, Acts, BlockAdapters, Ctx, GradScratch};
+use block::{fit, Acts, BlockAdapters, Ctx, FwdScratch, GradScratch};
 use lorafleet_common::Batch;
 use lorafleet_kernels::fused::attention::AttentionShape;
-use lorafleet_kernels::fused::lora_linear::{Adapter, Dropout as KeyedDropout, PairGrads, Scratch};
+use lorafleet_kernels::fused::lora_linear::{Adapter, Dropout as KeyedDropout, PairGrads};
 use lorafleet_kernels::fused::{head_loss, rms_norm};
 use packed::Packed;
 use profile::{time, Op};
@@ -35,7 +35,7 @@ pub struct Engine {
     /// One set of activations per block, or one shared set under checkpointing.
     acts: Vec<Acts>,
     grads: GradScratch,
-    lora_scratch: Scratch,
+    fwd: FwdScratch,
     final_x: Vec<f32>,
     final_rstd: Vec<f32>,
     head_h: Vec<f32>,
@@ -70,7 +70,7 @@ impl Engine {
             inputs: Vec::new(),
             acts: Vec::new(),
             grads: GradScratch::default(),
-            lora_scratch: Scratch::default(),
+            fwd: FwdScratch::default(),
             final_x: Vec::new(),
             final_rstd: Vec::new(),
             head_h: Vec::new(),
@@ -189,7 +189,7 @@ impl Engine {
                 &done[l],
                 acts,
                 fit(&mut rest[0], n * d),
-                &mut self.lora_scratch,
+                &mut self.fwd,
             );
         }
         let top = &self.inputs[layers];
@@ -235,15 +235,7 @@ impl Engine {
             if checkpointing {
                 // Recompute the block into the shared buffers (its output is not needed again).
                 let out = fit(&mut self.final_x, n * d);
-                block::forward(
-                    &weights.blocks[l],
-                    &adapters[l],
-                    &ctx,
-                    &self.inputs[l],
-                    acts,
-                    out,
-                    &mut self.lora_scratch,
-                );
+                block::forward(&weights.blocks[l], &adapters[l], &ctx, &self.inputs[l], acts, out, &mut self.fwd);
             }
             let x = &self.inputs[l];
             block::backward(

@@ -1,6 +1,7 @@
 //! Where the engine's time goes, op by op: wall time per op kind, summed over a run and
 //! printed when the engine is dropped, if `LORAFLEET_PROFILE` is set (off otherwise, at the
-//! cost of one relaxed load per op).
+//! cost of one relaxed load per op): to stderr, or appended to the file it names when its
+//! value holds a `/` (for runs whose stderr is not a terminal, such as the bench's children).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -57,12 +58,23 @@ pub(crate) fn report() {
     if !enabled() {
         return;
     }
+    use std::fmt::Write;
     let secs: Vec<f64> = NANOS.iter().map(|n| n.load(Ordering::Relaxed) as f64 * 1e-9).collect();
     let total: f64 = secs.iter().sum();
-    eprintln!("engine profile ({total:.3} s in ops):");
+    let mut out = format!("engine profile ({total:.3} s in ops):\n");
     for (name, s) in NAMES.iter().zip(&secs) {
-        eprintln!("  {name:<34} {s:>8.3} s {:>6.1}%", 100.0 * s / total.max(1e-12));
+        let _ = writeln!(out, "  {name:<34} {s:>8.3} s {:>6.1}%", 100.0 * s / total.max(1e-12));
     }
     let gemm = secs[Op::LinearForward as usize] + secs[Op::LinearBackward as usize] + secs[Op::Head as usize];
-    eprintln!("  GEMM-bound ops                     {gemm:>8.3} s {:>6.1}%", 100.0 * gemm / total.max(1e-12));
+    let _ =
+        writeln!(out, "  GEMM-bound ops                     {gemm:>8.3} s {:>6.1}%", 100.0 * gemm / total.max(1e-12));
+    match std::env::var("LORAFLEET_PROFILE") {
+        Ok(path) if path.contains('/') => {
+            let file = std::fs::OpenOptions::new().create(true).append(true).open(&path);
+            if let Err(e) = file.and_then(|mut f| std::io::Write::write_all(&mut f, out.as_bytes())) {
+                eprintln!("LORAFLEET_PROFILE: cannot write {path}: {e}");
+            }
+        }
+        _ => eprint!("{out}"),
+    }
 }

@@ -60,6 +60,7 @@ fn frozen_tensors(model: &Llama) -> Vec<&Tensor> {
                 }
             }
         }
+        out.extend(b.fused.iter().flatten());
     }
     out
 }
@@ -88,6 +89,10 @@ pub(crate) struct BlockWeights<'a> {
     pub norm2: &'a [f32],
     /// q, k, v, o, gate, up, down.
     pub lin: Vec<Frozen<'a>>,
+    /// The concatenated `[q; k; v]` and `[gate; up]` weights (dense models), for one GEMM
+    /// per shared input.
+    pub qkv: Option<Frozen<'a>>,
+    pub gate_up: Option<Frozen<'a>>,
 }
 
 /// The whole model's frozen weights as slices.
@@ -133,7 +138,13 @@ impl<'a> ModelWeights<'a> {
                     })
                     .collect();
                 debug_assert_eq!(LINEAR_MODULES.len(), b.linears.len());
-                BlockWeights { norm1, norm2, lin }
+                let [qkv, gate_up] = [0, 1].map(|i| {
+                    b.fused[i].as_ref().map(|t| {
+                        let (out, inp) = (t.dims()[0], t.dims()[1]);
+                        Frozen { w: Weight::F32(next().slice()), bias: None, out, inp }
+                    })
+                });
+                BlockWeights { norm1, norm2, lin, qkv, gate_up }
             })
             .collect();
         Self { embed, norm, head, cos, sin, blocks }

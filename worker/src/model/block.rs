@@ -41,6 +41,9 @@ pub struct Block {
     pub(crate) post_norm: RmsNorm,
     /// q, k, v, o, gate, up, down, in `LINEAR_MODULES` order.
     pub(crate) linears: Vec<BaseLinear>,
+    /// The concatenated dense weights `[q; k; v]` and `[gate; up]` that the q, k, v and
+    /// gate, up weights are views of (`None` for int8 linears).
+    pub(crate) fused: [Option<Tensor>; 2],
     pub(crate) heads: usize,
     pub(crate) kv_heads: usize,
     pub(crate) head_dim: usize,

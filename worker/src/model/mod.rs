@@ -90,24 +90,46 @@ impl Llama {
         let mut blocks = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let mut linears = Vec::with_capacity(LINEAR_MODULES.len());
+            let mut weights = Vec::with_capacity(LINEAR_MODULES.len());
+            let mut biases = Vec::with_capacity(LINEAR_MODULES.len());
             for (m, name) in LINEAR_MODULES.iter().enumerate() {
                 let group = if m >= block::GATE { "mlp" } else { "self_attn" };
                 let (fan_in, fan_out) = crate::lora::module_shape(c, m);
-                let w = load_linear(&format!("{p}.{group}.{name}.weight"), &[fan_out, fan_in])?;
+                weights.push(load_linear(&format!("{p}.{group}.{name}.weight"), &[fan_out, fan_in])?);
                 let has_bias = match m {
                     block::Q | block::K | block::V => c.qkv_bias,
                     block::O => c.o_bias,
                     _ => c.mlp_bias,
                 };
-                let b = if has_bias { Some(load(&format!("{p}.{group}.{name}.bias"), &[fan_out])?) } else { None };
-                linears.push(BaseLinear::new(w, b, quantization, device)?);
+                biases.push(if has_bias { Some(load(&format!("{p}.{group}.{name}.bias"), &[fan_out])?) } else { None });
             }
+            // Dense modules that share an input are stored as one concatenated weight
+            // (q|k|v, gate|up) and each module's weight is a view of it: the training engine
+            // runs one GEMM over each, the reference model is unchanged.
+            let mut fused = [None, None];
+            if quantization == Quantization::None {
+                for (slot, range) in fused.iter_mut().zip([block::Q..block::O, block::GATE..block::DOWN]) {
+                    let cat = Tensor::cat(&weights[range.clone()], 0)?;
+                    let mut row = 0;
+                    for m in range {
+                        let rows = weights[m].dims()[0];
+                        weights[m] = cat.narrow(0, row, rows)?;
+                        row += rows;
+                    }
+                    *slot = Some(cat);
+                }
+            }
+            let linears = weights
+                .into_iter()
+                .zip(biases)
+                .map(|(w, b)| BaseLinear::new(w, b, quantization, device))
+                .collect::<Result<Vec<_>>>()?;
             blocks.push(Block {
                 index: i,
                 input_norm: RmsNorm::new(load(&format!("{p}.input_layernorm.weight"), &[h])?, c.rms_norm_eps)?,
                 post_norm: RmsNorm::new(load(&format!("{p}.post_attention_layernorm.weight"), &[h])?, c.rms_norm_eps)?,
                 linears,
+                fused,
                 heads: c.num_attention_heads,
                 kv_heads: c.num_key_value_heads,
                 head_dim: c.head_dim,
