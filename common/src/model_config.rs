@@ -147,8 +147,10 @@ impl ModelConfig {
                 return Err(obj.error("head_dim", "missing and hidden_size is not a multiple of num_attention_heads"))
             }
         };
-        if head_dim % 2 != 0 {
-            return Err(obj.error("head_dim", format!("rotary embeddings need an even head_dim, found {head_dim}")));
+        if head_dim == 0 || head_dim % 2 != 0 {
+            return Err(
+                obj.error("head_dim", format!("rotary embeddings need an even, non-zero head_dim, found {head_dim}"))
+            );
         }
         let (rope_theta, rope_scaling) = rope(&obj)?;
         let attention_bias = obj.opt_bool("attention_bias")?.unwrap_or(false);
@@ -157,7 +159,10 @@ impl ModelConfig {
             _ => (attention_bias, attention_bias),
         };
         let sliding_window = match architecture {
-            Architecture::Mistral => obj.opt_usize("sliding_window")?,
+            Architecture::Mistral => match obj.opt_usize("sliding_window")? {
+                Some(0) => return Err(obj.error("sliding_window", "a window of 0 tokens hides every key")),
+                w => w,
+            },
             Architecture::Qwen2 if obj.opt_bool("use_sliding_window")?.unwrap_or(false) => {
                 return Err(obj.error("use_sliding_window", "Qwen2's per-layer sliding window is not supported"))
             }

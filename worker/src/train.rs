@@ -45,7 +45,8 @@ pub fn head_loss(model: &Llama, hidden: &Tensor, batch: &Batch) -> Result<(Tenso
 /// Which implementation computes a micro-batch's forward and backward.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Path {
-    /// The fused engine where it covers the model (dense f32 on the CPU), else the reference.
+    /// The fused engine where it covers the model (f32, or int8 block linears, on the
+    /// CPU), else the reference.
     Engine,
     /// The reference model and candle's autograd (the engine's test oracle).
     Reference,
@@ -187,6 +188,9 @@ impl StepAccumulator {
             .first()
             .map(|(_, v)| v.device().clone())
             .ok_or_else(|| Error::Invalid("adapter has no parameters".into()))?;
+        if self.engine_used && self.grads.iter().any(Option::is_some) {
+            return Err(Error::Invalid("a step's micro-batches ran on both the engine and the reference path".into()));
+        }
         let local = match self.engine.as_mut() {
             Some(engine) if self.engine_used => {
                 let flat = engine.take_bucket();

@@ -47,9 +47,36 @@ pub struct MatMut<'a> {
     cs: usize,
 }
 
-/// Whether a view of this shape and these strides stays inside `len` elements.
+/// Whether a view of this shape and these strides stays inside `len` elements (computed
+/// without overflow: a wrapped product must not pass for a small one).
 fn fits(len: usize, rows: usize, cols: usize, rs: usize, cs: usize) -> bool {
-    rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < len
+    if rows == 0 || cols == 0 {
+        return true;
+    }
+    let last = (rows - 1).checked_mul(rs).and_then(|r| (cols - 1).checked_mul(cs).and_then(|c| r.checked_add(c)));
+    last.is_some_and(|last| last < len)
+}
+
+/// Whether distinct elements of a view have distinct positions (needed for a view that is
+/// written, possibly by several threads): rows of `cols` elements `cs` apart that do not
+/// reach the next row, or the same with rows and columns swapped.
+fn distinct(rows: usize, cols: usize, rs: usize, cs: usize) -> bool {
+    let spans = |n: usize, step: usize, next: usize| {
+        n <= 1 || n.checked_mul(step).is_some_and(|span| step >= 1 && span <= next)
+    };
+    rows == 0
+        || cols == 0
+        || rows <= 1 && (cols <= 1 || cs >= 1)
+        || cols <= 1 && rs >= 1
+        || spans(cols, cs, rs) && rs >= 1
+        || spans(rows, rs, cs) && cs >= 1
+}
+
+/// The start of block `(r0, c0)` of a row-major matrix whose rows are `ld` apart, checking
+/// that the block's columns stay inside a row.
+fn block_start(ld: usize, r0: usize, c0: usize, n: usize) -> usize {
+    assert!(c0.checked_add(n).is_some_and(|end| end <= ld), "block columns {c0}..{c0}+{n} outside rows of {ld}");
+    r0.checked_mul(ld).and_then(|s| s.checked_add(c0)).expect("block offset overflows")
 }
 
 impl<'a> MatRef<'a> {
@@ -71,7 +98,7 @@ impl<'a> MatRef<'a> {
 
     /// Columns `c0..c0 + n` of a row-major matrix whose rows are `ld` apart, rows `r0..r0 + m`.
     pub fn block(data: &'a [f32], ld: usize, r0: usize, m: usize, c0: usize, n: usize) -> Self {
-        let start = (r0 * ld + c0).min(data.len());
+        let start = block_start(ld, r0, c0, n).min(data.len());
         Self::strided(&data[start..], m, n, ld, 1)
     }
 
@@ -83,6 +110,7 @@ impl<'a> MatRef<'a> {
     /// Rows `r0..r0 + m` and columns `c0..c0 + n` of this view.
     pub fn sub(self, r0: usize, m: usize, c0: usize, n: usize) -> Self {
         assert!(r0 + m <= self.rows && c0 + n <= self.cols, "sub-view outside {}x{}", self.rows, self.cols);
+        // In bounds of a view that fits, so neither product overflows.
         let start = (r0 * self.rs + c0 * self.cs).min(self.data.len());
         Self::strided(&self.data[start..], m, n, self.rs, self.cs)
     }
@@ -104,8 +132,10 @@ impl<'a> MatMut<'a> {
         Self::strided(data, rows, cols, cols, 1)
     }
 
-    /// A view with explicit strides; panics if it does not fit in `data`.
+    /// A view with explicit strides; panics if it does not fit in `data` or if two of its
+    /// elements would share a position (a written view must not alias itself).
     pub fn strided(data: &'a mut [f32], rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
+        assert!(distinct(rows, cols, rs, cs), "writable view {rows}x{cols} (strides {rs},{cs}) overlaps itself");
         assert!(
             fits(data.len(), rows, cols, rs, cs),
             "matrix view {rows}x{cols} (strides {rs},{cs}) outside {}",
@@ -116,7 +146,7 @@ impl<'a> MatMut<'a> {
 
     /// Columns `c0..c0 + n`, rows `r0..r0 + m` of a row-major matrix whose rows are `ld` apart.
     pub fn block(data: &'a mut [f32], ld: usize, r0: usize, m: usize, c0: usize, n: usize) -> Self {
-        let start = (r0 * ld + c0).min(data.len());
+        let start = block_start(ld, r0, c0, n).min(data.len());
         Self::strided(&mut data[start..], m, n, ld, 1)
     }
 
@@ -138,6 +168,7 @@ impl<'a> MatMut<'a> {
     /// Rows `r0..r0 + m` and columns `c0..c0 + n` of this view.
     pub fn sub(&mut self, r0: usize, m: usize, c0: usize, n: usize) -> MatMut<'_> {
         assert!(r0 + m <= self.rows && c0 + n <= self.cols, "sub-view outside {}x{}", self.rows, self.cols);
+        // In bounds of a view that fits, so neither product overflows.
         let start = (r0 * self.rs + c0 * self.cs).min(self.data.len());
         MatMut::strided(&mut self.data[start..], m, n, self.rs, self.cs)
     }
@@ -182,9 +213,10 @@ pub fn matmul(dst: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, alpha: f32, accumul
         }
         return;
     }
-    // SAFETY: `fits` was checked for all three views when they were made, so every index
-    // (i·rs + j·cs) the product touches is inside its slice; `dst` is borrowed mutably, so
-    // it cannot alias `a` or `b`.
+    // SAFETY: `fits` was checked (without overflow) for all three views when they were made,
+    // so every index (i·rs + j·cs) the product touches is inside its slice; `dst` was checked
+    // to give distinct elements distinct positions, so the threads of the product never write
+    // one element twice; it is borrowed mutably, so it cannot alias `a` or `b`.
     unsafe {
         gemm::gemm(
             m,
@@ -259,5 +291,34 @@ mod tests {
     fn a_view_past_its_slice_is_refused() {
         let a = vec![0f32; 10];
         let _ = MatRef::new(&a, 3, 4);
+    }
+
+    #[test]
+    #[should_panic(expected = "outside")]
+    fn a_stride_that_overflows_is_refused() {
+        let a = vec![0f32; 4];
+        let _ = MatRef::strided(&a, 3, 1, 1 << 63, 1);
+    }
+
+    #[test]
+    #[should_panic(expected = "overlaps itself")]
+    fn a_writable_view_that_overlaps_itself_is_refused() {
+        let mut a = vec![0f32; 4096];
+        let _ = MatMut::strided(&mut a, 512, 512, 1, 1);
+    }
+
+    #[test]
+    #[should_panic(expected = "outside rows")]
+    fn a_block_wider_than_its_rows_is_refused() {
+        let a = vec![0f32; 64];
+        let _ = MatRef::block(&a, 2, 0, 3, 0, 4);
+    }
+
+    #[test]
+    fn transposed_and_single_row_views_are_distinct() {
+        let mut a = vec![0f32; 12];
+        let _ = MatMut::new(&mut a, 3, 4).t();
+        let _ = MatMut::strided(&mut a, 4, 3, 1, 4);
+        let _ = MatMut::strided(&mut a, 1, 12, 0, 1);
     }
 }

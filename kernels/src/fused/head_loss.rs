@@ -25,7 +25,7 @@ const CHUNK_BYTES: usize = 32 << 20;
 /// Logit values from which a chunk's row pass is split over the rayon pool.
 const PAR_VALUES: usize = 1 << 15;
 
-/// Rows per chunk for a vocabulary: 8 MiB of f32 logits, at least 1.
+/// Rows per chunk for a vocabulary: 32 MiB of f32 logits, at least 1.
 pub fn chunk_rows(vocab: usize) -> usize {
     (CHUNK_BYTES / (4 * vocab.max(1))).max(1)
 }
@@ -61,7 +61,7 @@ fn row_loss_and_grad(z: &mut [f32], target: usize) -> f32 {
 ///
 /// The per-row f32 losses are added into the f64 sum in row order, so the result does not
 /// depend on the thread count. Panics on inconsistent lengths or a target `≥ vocab` (engine
-/// bugs: targets are checked against the tokenizer when the data is loaded).
+/// bugs: the engine checks every target against the vocabulary when it packs a batch).
 pub fn forward_backward(
     h: &[f32],
     w: &[f32],

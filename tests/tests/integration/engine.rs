@@ -119,7 +119,8 @@ fn eval_loss_through_the_engine_equals_the_reference_forward() {
     let a = LoraAdapter::init(config, m.config(), 3, &Device::Cpu).unwrap();
     randomised(&a);
     for adapter in [None, Some(&a)] {
-        let mut engine = lorafleet_worker::engine::Engine::new(&m, adapter).expect("an f32 CPU model runs on the engine");
+        let mut engine =
+            lorafleet_worker::engine::Engine::new(&m, adapter).expect("an f32 CPU model runs on the engine");
         for b in uneven_batches(512) {
             let (loss, tokens) = engine.eval_loss(&m, adapter, &b).unwrap();
             let (want, want_tokens) = lorafleet_worker::train::loss_sum(&m, adapter, &b, &Dropout::Off).unwrap();
@@ -127,5 +128,28 @@ fn eval_loss_through_the_engine_equals_the_reference_forward() {
             assert_eq!(tokens, want_tokens);
             assert!(((loss - want) / want).abs() <= 1e-6, "eval loss {loss} vs {want}");
         }
+    }
+}
+
+#[test]
+fn engine_equals_reference_with_some_layers_adapted_long_rows_and_empty_ones() {
+    let m = Llama::load(&tiny_llama(), DType::F32, &Device::Cpu).unwrap();
+    // A 150-token row spans several attention blocks; a row of padding only and a
+    // micro-batch without a scored token add nothing.
+    let long: Vec<u32> = (0..150u32).map(|i| (i * 13 + 7) % 512).collect();
+    let labels: Vec<i64> = long.iter().enumerate().map(|(t, &id)| if t < 20 { -100 } else { i64::from(id) }).collect();
+    let mut batches = uneven_batches(512);
+    batches.push(Batch::from_rows(&[(long, labels), (vec![], vec![])], vec![105, 106], 3, 8));
+    batches.push(Batch::from_rows(&[(vec![5, 6, 7], vec![-100, -100, -100])], vec![107], 3, 8));
+    for layers in [vec![1], vec![0]] {
+        let config = LoraConfig {
+            target_modules: TargetModules::AllLinear,
+            lora_dropout: 0.1,
+            layers_to_transform: Some(layers.clone()),
+            ..LoraConfig::default()
+        };
+        let a = LoraAdapter::init(config, m.config(), 9, &Device::Cpu).unwrap();
+        randomised(&a);
+        assert_same(&m, &a, &batches, &format!("layers {layers:?}"));
     }
 }

@@ -2,8 +2,10 @@
 //!
 //! The forward fills [`Acts`] with exactly what the backward reads; the backward runs the
 //! rows of the forward in reverse, turning the gradient of the block's output into the
-//! gradient of its input in place and adding the seven LoRA pairs' gradients. Nothing here
-//! allocates once the buffers have their batch shape.
+//! gradient of its input in place and adding the seven LoRA pairs' gradients. The
+//! activation and gradient buffers are sized once per batch shape and reused; what still
+//! allocates per call is small (attention's per-task block scratch, dropout's list of
+//! sequences).
 
 use super::profile::{time, Op};
 use super::weights::BlockWeights;

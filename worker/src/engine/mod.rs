@@ -4,8 +4,9 @@
 //!
 //! It computes what the reference model (`model` + candle's autograd, kept for evaluation,
 //! generation and as the test oracle) computes, op for op: the same keyed dropout masks, the
-//! same f32 arithmetic up to summation order. It covers a dense f32 model on the CPU; other
-//! configurations (int8 or bf16 bases, CUDA) run the reference path until their bodies land.
+//! same f32 arithmetic up to summation order and a vectorized `exp` (within 2 ulp). It covers
+//! f32 models on the CPU, with dense or int8 block linears; other configurations (bf16 or f16
+//! bases, CUDA) run the reference path until their bodies land.
 //!
 //! Gradient checkpointing keeps only block inputs and recomputes each block into the same
 //! activation buffers in the backward; without it every block keeps its activations.
@@ -44,6 +45,8 @@ pub struct Engine {
     dout: Vec<f32>,
     /// Gradient sums in `named_vars` order, one flat bucket (the all-reduce's layout).
     bucket: Vec<f32>,
+    /// Whether it ran a training pass (the profile is printed for training engines only).
+    trained: bool,
 }
 
 /// What one micro-batch reports.
@@ -65,6 +68,9 @@ impl Engine {
             return None;
         }
         hold_model(model)?;
+        if let Some(a) = adapter {
+            hold_adapter(a).ok()?;
+        }
         let size = adapter.map_or(0, LoraAdapter::num_parameters);
         Some(Self {
             inputs: Vec::new(),
@@ -78,6 +84,7 @@ impl Engine {
             head_scratch: Vec::new(),
             dout: Vec::new(),
             bucket: vec![0.0; size],
+            trained: false,
         })
     }
 
@@ -96,6 +103,7 @@ impl Engine {
         dropout: &Dropout,
         checkpointing: bool,
     ) -> Result<MicroBatchStats> {
+        self.trained = true;
         self.run(model, Some(adapter), batch, dropout, Mode::Train { checkpointing })
     }
 
@@ -120,17 +128,18 @@ impl Engine {
             Mode::Eval => true,
         };
         let start = std::time::Instant::now();
-        let packed = Packed::new(batch)?;
-        let held =
-            hold_model(model).ok_or_else(|| Error::Invalid("engine: the model is not dense f32 on the CPU".into()))?;
+        let packed = Packed::new(batch, model.config().vocab_size)?;
+        let held = hold_model(model)
+            .ok_or_else(|| Error::Invalid("engine: the model is not f32 (or int8 block linears) on the CPU".into()))?;
         let weights = ModelWeights::new(model, &held);
         let lora_held = adapter.map(hold_adapter).transpose()?.unwrap_or_default();
         let c = model.config();
         let (n, d, layers) = (packed.tokens(), c.hidden_size, c.num_hidden_layers);
         if let Some(&bad) = packed.ids.iter().find(|&&i| i as usize >= c.vocab_size) {
+            // (targets were checked by `Packed::new`)
             return Err(Error::Invalid(format!("token id {bad} outside the model's vocabulary of {}", c.vocab_size)));
         }
-        let keys = DropoutKeys::new(dropout, &packed, layers);
+        let keys = DropoutKeys::new(dropout, &packed, layers)?;
         let ctx = Ctx {
             cu_seqlens: &packed.cu_seqlens,
             positions: &packed.positions,
@@ -232,8 +241,9 @@ impl Engine {
         let lowest = (0..layers).find(|&l| slots[l].iter().any(Option::is_some)).unwrap_or(layers);
         for l in (lowest..layers).rev() {
             let acts = &mut self.acts[if checkpointing { 0 } else { l }];
-            if checkpointing {
-                // Recompute the block into the shared buffers (its output is not needed again).
+            if checkpointing && l + 1 < layers {
+                // Recompute the block into the shared buffers (its output is not needed again);
+                // the top block's activations are still there from the forward.
                 let out = fit(&mut self.final_x, n * d);
                 block::forward(&weights.blocks[l], &adapters[l], &ctx, &self.inputs[l], acts, out, &mut self.fwd);
             }
@@ -256,7 +266,9 @@ impl Engine {
 
 impl Drop for Engine {
     fn drop(&mut self) {
-        profile::report();
+        if self.trained {
+            profile::report();
+        }
     }
 }
 
@@ -318,16 +330,20 @@ struct DropoutKeys<'p> {
 }
 
 impl<'p> DropoutKeys<'p> {
-    fn new(dropout: &Dropout, packed: &'p Packed, layers: usize) -> Option<Self> {
-        let Dropout::On { seed, step, .. } = dropout else { return None };
-        let sequences = packed.examples.len();
+    /// The keys of `dropout` (each row's example id, as the reference model reads them), or
+    /// none when dropout is off.
+    fn new(dropout: &Dropout, packed: &'p Packed, layers: usize) -> Result<Option<Self>> {
+        let Dropout::On { seed, step, example_ids } = dropout else { return Ok(None) };
+        let examples = packed.rows.iter().map(|&r| example_ids.get(r).copied()).collect::<Option<Vec<u64>>>();
+        let examples = examples.ok_or_else(|| Error::Invalid("dropout: fewer example ids than batch rows".into()))?;
+        let sequences = examples.len();
         let mut keys = Vec::with_capacity(layers * 7 * sequences);
         for l in 0..layers {
             for m in 0..7 {
-                keys.extend(packed.examples.iter().map(|&e| mix(&[*seed, *step, e, l as u64, m as u64])));
+                keys.extend(examples.iter().map(|&e| mix(&[*seed, *step, e, l as u64, m as u64])));
             }
         }
-        Some(Self { keys, sequences, cu_seqlens: &packed.cu_seqlens })
+        Ok(Some(Self { keys, sequences, cu_seqlens: &packed.cu_seqlens }))
     }
 }
 

@@ -21,13 +21,24 @@ pub(crate) struct Packed {
     pub scored: Vec<usize>,
     /// The target of each scored token.
     pub targets: Vec<u32>,
-    /// Each sequence's global example index (the key of its dropout masks).
-    pub examples: Vec<u64>,
+    /// The batch row each sequence came from.
+    pub rows: Vec<usize>,
 }
 
 impl Packed {
-    /// Packs `batch`; rows without any real token are left out.
-    pub(crate) fn new(batch: &Batch) -> Result<Self> {
+    /// Packs `batch`; rows without any real token are left out. Targets must lie in
+    /// `0..vocab` (or be ignored).
+    pub(crate) fn new(batch: &Batch, vocab: usize) -> Result<Self> {
+        let cells = batch.rows.checked_mul(batch.seq_len);
+        let lengths = [batch.input_ids.len(), batch.attention_mask.len(), batch.labels.len()];
+        if cells.is_none_or(|c| lengths.iter().any(|&l| l != c)) || batch.example_ids.len() != batch.rows {
+            return Err(Error::Invalid(format!(
+                "batch of {} × {} with {lengths:?} ids/mask/labels and {} example ids",
+                batch.rows,
+                batch.seq_len,
+                batch.example_ids.len()
+            )));
+        }
         let mut p = Packed { cu_seqlens: vec![0], ..Default::default() };
         for r in 0..batch.rows {
             let row = r * batch.seq_len..(r + 1) * batch.seq_len;
@@ -36,12 +47,15 @@ impl Packed {
             if mask[len..].iter().any(|&m| m != 0) {
                 return Err(Error::Invalid(format!("batch row {r}: the attention mask is not right padding")));
             }
-            if len == 0 {
-                continue;
-            }
             let labels = &batch.labels[row.clone()];
             if let Some(t) = (len..batch.seq_len).find(|&t| t > len && labels[t] != IGNORE_INDEX) {
                 return Err(Error::Invalid(format!("batch row {r}: a label at padding position {t}")));
+            }
+            if let Some(&bad) = labels.iter().find(|&&l| l != IGNORE_INDEX && !(0..vocab as i64).contains(&l)) {
+                return Err(Error::Invalid(format!("batch row {r}: label {bad} outside the vocabulary of {vocab}")));
+            }
+            if len == 0 {
+                continue;
             }
             let base = p.ids.len();
             p.ids.extend_from_slice(&batch.input_ids[row.start..row.start + len]);
@@ -54,7 +68,7 @@ impl Packed {
                 }
             }
             p.cu_seqlens.push(p.ids.len());
-            p.examples.push(batch.example_ids[r]);
+            p.rows.push(r);
         }
         Ok(p)
     }
@@ -73,11 +87,11 @@ mod tests {
     fn padding_is_dropped_and_scored_positions_follow_the_tokens() {
         let rows = vec![(vec![1, 5, 6, 7], vec![-100, -100, 6, 7]), (vec![], vec![]), (vec![1, 9], vec![-100, 9])];
         let b = Batch::from_rows(&rows, vec![10, 11, 12], 3, 8);
-        let p = Packed::new(&b).unwrap();
+        let p = Packed::new(&b, 16).unwrap();
         assert_eq!(p.cu_seqlens, vec![0, 4, 6]);
         assert_eq!(p.ids, vec![1, 5, 6, 7, 1, 9]);
         assert_eq!(p.positions, vec![0, 1, 2, 3, 0, 1]);
-        assert_eq!(p.examples, vec![10, 12]);
+        assert_eq!(p.rows, vec![0, 2]);
         // The batch scores rows·seq_len + t for t = 1, 2 (row 0) and t = 0 (row 2).
         assert_eq!(b.scored_positions().1, p.targets);
         assert_eq!(p.scored, vec![1, 2, 4]);
@@ -87,6 +101,19 @@ mod tests {
     fn a_mask_with_a_hole_is_refused() {
         let mut b = Batch::from_rows(&[(vec![1, 2, 3], vec![-100, 2, 3])], vec![0], 0, 4);
         b.attention_mask[1] = 0;
-        assert!(Packed::new(&b).is_err());
+        assert!(Packed::new(&b, 16).is_err());
+    }
+
+    #[test]
+    fn labels_outside_the_vocabulary_and_inconsistent_lengths_are_refused() {
+        let b = Batch::from_rows(&[(vec![1, 2, 3], vec![-100, 2, 30])], vec![0], 0, 4);
+        assert!(Packed::new(&b, 16).unwrap_err().to_string().contains("label 30"));
+        let b = Batch::from_rows(&[(vec![1, 2, 3], vec![-100, -1, 3])], vec![0], 0, 4);
+        assert!(Packed::new(&b, 16).is_err());
+        let mut b = Batch::from_rows(&[(vec![1, 2, 3], vec![-100, 2, 3])], vec![0], 0, 4);
+        b.labels.pop();
+        assert!(Packed::new(&b, 16).is_err());
+        b = Batch::from_rows(&[(vec![1, 2, 3], vec![-100, 2, 3])], vec![], 0, 4);
+        assert!(Packed::new(&b, 16).is_err());
     }
 }
