@@ -160,14 +160,23 @@ fn prometheus_scrapes_a_run_and_every_dashboard_query_and_alert_rule_works() {
 
     let queries = dashboard_queries(&repo);
     assert!(queries.len() >= 20, "the dashboard has {} queries", queries.len());
-    let mut empty = Vec::new();
-    for (panel, expr) in &queries {
-        let v = query(prom_port, expr);
-        assert_eq!(v["status"], "success", "{panel}: {expr}: {v}");
-        if v["data"]["result"].as_array().is_none_or(Vec::is_empty) {
-            empty.push(format!("{panel}: {expr}"));
+    // A rate needs two samples in its window: a short run may be over before the second
+    // scrape, so the queries get a few scrape intervals (of the lingering endpoint) to fill.
+    let start = Instant::now();
+    let empty = loop {
+        let mut empty = Vec::new();
+        for (panel, expr) in &queries {
+            let v = query(prom_port, expr);
+            assert_eq!(v["status"], "success", "{panel}: {expr}: {v}");
+            if v["data"]["result"].as_array().is_none_or(Vec::is_empty) {
+                empty.push(format!("{panel}: {expr}"));
+            }
         }
-    }
+        if empty.is_empty() || start.elapsed() > Duration::from_secs(30) {
+            break empty;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
     assert!(empty.is_empty(), "queries without data:\n{}", empty.join("\n"));
     // Per-worker series carry both workers.
     let per_worker = query(prom_port, &format!("lorafleet_worker_up{{run_id=\"{RUN_ID}\"}}"));

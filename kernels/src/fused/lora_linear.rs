@@ -254,18 +254,19 @@ pub fn branch_forward(
         y.add_row_vector(b);
     }
     if let Some(l) = lora {
-        let xd = dropped(x, w.inp, l.dropout.as_ref(), &mut scratch.dropped);
-        let u = &mut u[..n * l.rank];
-        matmul(
-            MatMut::new(u, n, l.rank),
-            MatRef::new(xd, n, w.inp),
-            MatRef::new(l.a, l.rank, w.inp).t(),
-            1.0,
-            false,
-            LOW,
-        );
+        branch_input(x, w, l, u, scratch);
+        let u = &u[..n * l.rank];
         matmul(y, MatRef::new(u, n, l.rank), MatRef::new(l.b, w.out, l.rank).t(), l.scale, true, LOW);
     }
+}
+
+/// Only `u = drop(x)·Aᵀ`: what the backward needs of a module whose output it does not
+/// need (the last linear of a block recomputed under checkpointing).
+pub fn branch_input(x: &[f32], w: &Frozen<'_>, l: &Adapter<'_>, u: &mut [f32], scratch: &mut Scratch) {
+    let n = x.len() / w.inp;
+    let xd = dropped(x, w.inp, l.dropout.as_ref(), &mut scratch.dropped);
+    let u = MatMut::new(&mut u[..n * l.rank], n, l.rank);
+    matmul(u, MatRef::new(xd, n, w.inp), MatRef::new(l.a, l.rank, w.inp).t(), 1.0, false, LOW);
 }
 
 /// Gradient sums of one module's LoRA pair, added into by [`backward`].

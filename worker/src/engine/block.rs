@@ -99,7 +99,10 @@ pub(crate) struct FwdScratch {
 pub(crate) type BlockAdapters<'a> = [Option<Adapter<'a>>; 7];
 
 /// Forward of one block: `out = h1 + down(swiglu(gate|up(norm2(h1))))` with
-/// `h1 = x + o(attention(rope(q|k|v(norm1(x)))))`. Overwrites `acts` and `out`.
+/// `h1 = x + o(attention(rope(q|k|v(norm1(x)))))`. Overwrites `acts` and, unless this is a
+/// checkpointing `recompute` (whose output nobody reads: the down GEMM is skipped, only its
+/// LoRA input kept), `out`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn forward(
     w: &BlockWeights<'_>,
     lora: &BlockAdapters<'_>,
@@ -107,6 +110,7 @@ pub(crate) fn forward(
     x: &[f32],
     acts: &mut Acts,
     out: &mut [f32],
+    recompute: bool,
     fs: &mut FwdScratch,
 ) {
     let (n, d, f) = (ctx.tokens(), ctx.hidden, ctx.intermediate);
@@ -163,7 +167,14 @@ pub(crate) fn forward(
         }
     }
     time(Op::Swiglu, || swiglu::forward(eg, f, fit(&mut a.m, n * f)));
-    let (y, u) = (MatMut::new(out, n, d), fit(&mut a.u[DOWN], n * rank(lora, DOWN)));
+    let u = fit(&mut a.u[DOWN], n * rank(lora, DOWN));
+    if recompute {
+        if let Some(l) = &lora[DOWN] {
+            time(Op::LinearForward, || lora_linear::branch_input(&a.m, &w.lin[DOWN], l, u, scratch));
+        }
+        return;
+    }
+    let y = MatMut::new(out, n, d);
     time(Op::LinearForward, || lora_linear::forward(&a.m, &w.lin[DOWN], lora[DOWN].as_ref(), y, u, scratch));
     time(Op::Residual, || add_into(out, &a.h1));
 }

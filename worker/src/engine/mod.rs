@@ -191,24 +191,12 @@ impl Engine {
         for l in 0..layers {
             let (done, rest) = self.inputs.split_at_mut(l + 1);
             let acts = &mut self.acts[if checkpointing { 0 } else { l }];
-            block::forward(
-                &weights.blocks[l],
-                &adapters[l],
-                &ctx,
-                &done[l],
-                acts,
-                fit(&mut rest[0], n * d),
-                &mut self.fwd,
-            );
+            let out = fit(&mut rest[0], n * d);
+            block::forward(&weights.blocks[l], &adapters[l], &ctx, &done[l], acts, out, false, &mut self.fwd);
         }
         let top = &self.inputs[layers];
-        rms_norm::forward(
-            top,
-            weights.norm,
-            c.rms_norm_eps,
-            fit(&mut self.final_x, n * d),
-            fit(&mut self.final_rstd, n),
-        );
+        let (final_x, final_rstd) = (fit(&mut self.final_x, n * d), fit(&mut self.final_rstd, n));
+        time(Op::Norm, || rms_norm::forward(top, weights.norm, c.rms_norm_eps, final_x, final_rstd));
         let scored = packed.scored.len();
         let h = fit(&mut self.head_h, scored * d);
         for (row, &i) in h.chunks_exact_mut(d).zip(&packed.scored) {
@@ -245,7 +233,7 @@ impl Engine {
                 // Recompute the block into the shared buffers (its output is not needed again);
                 // the top block's activations are still there from the forward.
                 let out = fit(&mut self.final_x, n * d);
-                block::forward(&weights.blocks[l], &adapters[l], &ctx, &self.inputs[l], acts, out, &mut self.fwd);
+                block::forward(&weights.blocks[l], &adapters[l], &ctx, &self.inputs[l], acts, out, true, &mut self.fwd);
             }
             let x = &self.inputs[l];
             block::backward(
