@@ -8,7 +8,7 @@ use crate::generate::{generate, Sampling};
 use crate::lora::LoraAdapter;
 use crate::model::Llama;
 use crate::tokenizer::Tokenizer;
-use crate::train::loss_sum;
+use crate::train::{loss_sum, Path};
 use lorafleet_common::data::Example;
 use lorafleet_common::Batch;
 
@@ -53,7 +53,10 @@ pub fn eval_batches(
     let mut total = LossSum::default();
     // The training engine's forward where it covers the model, so that eval loss and
     // training see the same numbers; the reference model otherwise.
-    let mut engine = Engine::new(model, adapter);
+    let mut engine = match Path::from_env() {
+        Path::Engine => Engine::new(model, adapter),
+        Path::Reference => None,
+    };
     for batch in batches {
         let (loss, tokens) = match engine.as_mut() {
             Some(e) => e.eval_loss(model, adapter, &batch)?,

@@ -140,6 +140,10 @@ impl StepAccumulator {
         let start = std::time::Instant::now();
         if self.path == Path::Engine && self.engine.is_none() {
             self.engine = Engine::new(model, Some(adapter));
+            if self.engine.is_none() {
+                // The engine does not cover this model: the reference path, for good.
+                self.path = Path::Reference;
+            }
         }
         if let Some(engine) = self.engine.as_mut().filter(|_| self.path == Path::Engine) {
             let s = engine.micro_batch(model, adapter, batch, dropout, checkpointing)?;

@@ -99,18 +99,16 @@ pub(crate) struct FwdScratch {
 pub(crate) type BlockAdapters<'a> = [Option<Adapter<'a>>; 7];
 
 /// Forward of one block: `out = h1 + down(swiglu(gate|up(norm2(h1))))` with
-/// `h1 = x + o(attention(rope(q|k|v(norm1(x)))))`. Overwrites `acts` and, unless this is a
-/// checkpointing `recompute` (whose output nobody reads: the down GEMM is skipped, only its
-/// LoRA input kept), `out`.
-#[allow(clippy::too_many_arguments)]
+/// `h1 = x + o(attention(rope(q|k|v(norm1(x)))))`. Overwrites `acts` and `out`; without
+/// `out` (a checkpointing recompute, whose output nobody reads) the down GEMM is skipped and
+/// only its LoRA input is kept.
 pub(crate) fn forward(
     w: &BlockWeights<'_>,
     lora: &BlockAdapters<'_>,
     ctx: &Ctx<'_>,
     x: &[f32],
     acts: &mut Acts,
-    out: &mut [f32],
-    recompute: bool,
+    out: Option<&mut [f32]>,
     fs: &mut FwdScratch,
 ) {
     let (n, d, f) = (ctx.tokens(), ctx.hidden, ctx.intermediate);
@@ -168,12 +166,12 @@ pub(crate) fn forward(
     }
     time(Op::Swiglu, || swiglu::forward(eg, f, fit(&mut a.m, n * f)));
     let u = fit(&mut a.u[DOWN], n * rank(lora, DOWN));
-    if recompute {
+    let Some(out) = out else {
         if let Some(l) = &lora[DOWN] {
             time(Op::LinearForward, || lora_linear::branch_input(&a.m, &w.lin[DOWN], l, u, scratch));
         }
         return;
-    }
+    };
     let y = MatMut::new(out, n, d);
     time(Op::LinearForward, || lora_linear::forward(&a.m, &w.lin[DOWN], lora[DOWN].as_ref(), y, u, scratch));
     time(Op::Residual, || add_into(out, &a.h1));

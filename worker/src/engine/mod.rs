@@ -62,11 +62,8 @@ pub struct MicroBatchStats {
 impl Engine {
     /// An engine for `model` and `adapter` (none: evaluation of the base model only), or
     /// `None` when the model is not one the CPU bodies cover (f32 weights, or int8 block
-    /// linears, on the CPU) or `LORAFLEET_ENGINE=reference` asks for the reference path.
+    /// linears, on the CPU). Whether to use it at all is the caller's `train::Path`.
     pub fn new(model: &Llama, adapter: Option<&LoraAdapter>) -> Option<Self> {
-        if crate::train::Path::from_env() == crate::train::Path::Reference {
-            return None;
-        }
         hold_model(model)?;
         if let Some(a) = adapter {
             hold_adapter(a).ok()?;
@@ -128,17 +125,13 @@ impl Engine {
             Mode::Eval => true,
         };
         let start = std::time::Instant::now();
-        let packed = Packed::new(batch, model.config().vocab_size)?;
+        let c = model.config();
+        let packed = Packed::new(batch, c.vocab_size, model.parts().4.len())?;
         let held = hold_model(model)
             .ok_or_else(|| Error::Invalid("engine: the model is not f32 (or int8 block linears) on the CPU".into()))?;
         let weights = ModelWeights::new(model, &held);
         let lora_held = adapter.map(hold_adapter).transpose()?.unwrap_or_default();
-        let c = model.config();
         let (n, d, layers) = (packed.tokens(), c.hidden_size, c.num_hidden_layers);
-        if let Some(&bad) = packed.ids.iter().find(|&&i| i as usize >= c.vocab_size) {
-            // (targets were checked by `Packed::new`)
-            return Err(Error::Invalid(format!("token id {bad} outside the model's vocabulary of {}", c.vocab_size)));
-        }
         let keys = DropoutKeys::new(dropout, &packed, layers)?;
         let ctx = Ctx {
             cu_seqlens: &packed.cu_seqlens,
@@ -156,12 +149,6 @@ impl Engine {
             intermediate: c.intermediate_size,
             eps: c.rms_norm_eps,
         };
-        if packed.positions.iter().any(|&p| p as usize >= weights.cos.len() / (c.head_dim / 2)) {
-            return Err(Error::Invalid(format!(
-                "a sequence is longer than the model's {} positions",
-                weights.cos.len() / (c.head_dim / 2)
-            )));
-        }
         // Adapters and gradient sums of each block, carved from the held parameters and the bucket.
         let slots = adapter.map_or_else(|| vec![[None; 7]; layers], |a| adapter_slots(a, layers));
         let params: Vec<&[f32]> = lora_held.iter().map(|h| h.slice()).collect();
@@ -191,8 +178,8 @@ impl Engine {
         for l in 0..layers {
             let (done, rest) = self.inputs.split_at_mut(l + 1);
             let acts = &mut self.acts[if checkpointing { 0 } else { l }];
-            let out = fit(&mut rest[0], n * d);
-            block::forward(&weights.blocks[l], &adapters[l], &ctx, &done[l], acts, out, false, &mut self.fwd);
+            let out = Some(fit(&mut rest[0], n * d));
+            block::forward(&weights.blocks[l], &adapters[l], &ctx, &done[l], acts, out, &mut self.fwd);
         }
         let top = &self.inputs[layers];
         let (final_x, final_rstd) = (fit(&mut self.final_x, n * d), fit(&mut self.final_rstd, n));
@@ -232,8 +219,7 @@ impl Engine {
             if checkpointing && l + 1 < layers {
                 // Recompute the block into the shared buffers (its output is not needed again);
                 // the top block's activations are still there from the forward.
-                let out = fit(&mut self.final_x, n * d);
-                block::forward(&weights.blocks[l], &adapters[l], &ctx, &self.inputs[l], acts, out, true, &mut self.fwd);
+                block::forward(&weights.blocks[l], &adapters[l], &ctx, &self.inputs[l], acts, None, &mut self.fwd);
             }
             let x = &self.inputs[l];
             block::backward(

@@ -26,9 +26,10 @@ pub(crate) struct Packed {
 }
 
 impl Packed {
-    /// Packs `batch`; rows without any real token are left out. Targets must lie in
-    /// `0..vocab` (or be ignored).
-    pub(crate) fn new(batch: &Batch, vocab: usize) -> Result<Self> {
+    /// Packs `batch`; rows without any real token are left out. Token ids and targets must
+    /// lie in `0..vocab` (targets may be ignored), and no row may be longer than the model's
+    /// `positions`: the checks the reference model makes in its embedding and blocks.
+    pub(crate) fn new(batch: &Batch, vocab: usize, positions: usize) -> Result<Self> {
         let cells = batch.rows.checked_mul(batch.seq_len);
         let lengths = [batch.input_ids.len(), batch.attention_mask.len(), batch.labels.len()];
         if cells.is_none_or(|c| lengths.iter().any(|&l| l != c)) || batch.example_ids.len() != batch.rows {
@@ -57,6 +58,11 @@ impl Packed {
             if len == 0 {
                 continue;
             }
+            if len > positions {
+                return Err(Error::Invalid(format!(
+                    "sequence of {len} tokens is longer than the model's {positions} positions"
+                )));
+            }
             let base = p.ids.len();
             p.ids.extend_from_slice(&batch.input_ids[row.start..row.start + len]);
             p.positions.extend(0..len as u32);
@@ -69,6 +75,9 @@ impl Packed {
             }
             p.cu_seqlens.push(p.ids.len());
             p.rows.push(r);
+        }
+        if let Some(&bad) = p.ids.iter().find(|&&i| i as usize >= vocab) {
+            return Err(Error::Invalid(format!("token id {bad} outside the model's vocabulary of {vocab}")));
         }
         Ok(p)
     }
@@ -87,7 +96,7 @@ mod tests {
     fn padding_is_dropped_and_scored_positions_follow_the_tokens() {
         let rows = vec![(vec![1, 5, 6, 7], vec![-100, -100, 6, 7]), (vec![], vec![]), (vec![1, 9], vec![-100, 9])];
         let b = Batch::from_rows(&rows, vec![10, 11, 12], 3, 8);
-        let p = Packed::new(&b, 16).unwrap();
+        let p = Packed::new(&b, 16, 64).unwrap();
         assert_eq!(p.cu_seqlens, vec![0, 4, 6]);
         assert_eq!(p.ids, vec![1, 5, 6, 7, 1, 9]);
         assert_eq!(p.positions, vec![0, 1, 2, 3, 0, 1]);
@@ -101,19 +110,24 @@ mod tests {
     fn a_mask_with_a_hole_is_refused() {
         let mut b = Batch::from_rows(&[(vec![1, 2, 3], vec![-100, 2, 3])], vec![0], 0, 4);
         b.attention_mask[1] = 0;
-        assert!(Packed::new(&b, 16).is_err());
+        assert!(Packed::new(&b, 16, 64).is_err());
     }
 
     #[test]
     fn labels_outside_the_vocabulary_and_inconsistent_lengths_are_refused() {
         let b = Batch::from_rows(&[(vec![1, 2, 3], vec![-100, 2, 30])], vec![0], 0, 4);
-        assert!(Packed::new(&b, 16).unwrap_err().to_string().contains("label 30"));
+        assert!(Packed::new(&b, 16, 64).unwrap_err().to_string().contains("label 30"));
         let b = Batch::from_rows(&[(vec![1, 2, 3], vec![-100, -1, 3])], vec![0], 0, 4);
-        assert!(Packed::new(&b, 16).is_err());
+        assert!(Packed::new(&b, 16, 64).is_err());
         let mut b = Batch::from_rows(&[(vec![1, 2, 3], vec![-100, 2, 3])], vec![0], 0, 4);
         b.labels.pop();
-        assert!(Packed::new(&b, 16).is_err());
+        assert!(Packed::new(&b, 16, 64).is_err());
         b = Batch::from_rows(&[(vec![1, 2, 3], vec![-100, 2, 3])], vec![], 0, 4);
-        assert!(Packed::new(&b, 16).is_err());
+        assert!(Packed::new(&b, 16, 64).is_err());
+        // Token ids and lengths are checked as the reference model's embedding and blocks do.
+        let b = Batch::from_rows(&[(vec![1, 20, 3], vec![-100, 2, 3])], vec![0], 0, 4);
+        assert!(Packed::new(&b, 16, 64).unwrap_err().to_string().contains("token id 20"));
+        let b = Batch::from_rows(&[(vec![1, 2, 3], vec![-100, 2, 3])], vec![0], 0, 4);
+        assert!(Packed::new(&b, 16, 2).unwrap_err().to_string().contains("longer than"));
     }
 }
