@@ -10,7 +10,9 @@
 //! is visible to query `i` iff `j <= i` and, with a window `w`, `i - j < w` (transformers'
 //! Mistral rule masks `i - j >= w`).
 //!
-//! Work is split into one task per (sequence, kv head). A task owns, for its sequence, the rows
+//! Work is split into one task per (sequence, kv head); a task runs the query heads of its
+//! group together, their rows packed into one matrix, so each product reads a K or V block
+//! once for the group. A task owns, for its sequence, the rows
 //! of `o`, `lse` and `dq` of the query heads of its group, and `dk`, `dv` of its kv head: every
 //! output element has exactly one owner, each task runs sequentially in a fixed order, so the
 //! result is bit-identical for any thread count and needs no atomics.
@@ -152,12 +154,38 @@ pub fn forward(
     assert_eq!(lse.len(), shape.heads * n, "lse length");
     let (o, lse) = (Out::new(o), Out::new(lse));
     tasks(shape, cu_seqlens).into_par_iter().with_max_len(1).for_each(|(a, t, g)| {
-        forward_task(shape, n, a, t, g, q, k, v, o, lse);
+        super::simd::vectorized(|| forward_task(shape, n, a, t, g, q, k, v, o, lse));
     });
 }
 
-/// One (sequence, kv head) task of [`forward`]: the sequence is tokens `a..a + t`.
+/// Copies rows `i0..i0 + mq` of the `rep` query heads of kv head `g` (columns of `src`, rows
+/// `qld` apart, the sequence starting at row `a`) into `dst` as one `[rep·mq, d]` matrix, head
+/// by head: row `j·mq + r` is head `g·rep + j` of query `i0 + r`. One product with a key block
+/// then serves the whole group (GQA reads each K/V block once per group, not once per head).
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn pack_group(
+    src: &[f32],
+    qld: usize,
+    d: usize,
+    rep: usize,
+    g: usize,
+    a: usize,
+    i0: usize,
+    mq: usize,
+    dst: &mut [f32],
+) {
+    for (x, row) in dst[..rep * mq * d].chunks_exact_mut(d).enumerate() {
+        let (j, r) = (x / mq, x % mq);
+        let at = (a + i0 + r) * qld + (g * rep + j) * d;
+        row.copy_from_slice(&src[at..at + d]);
+    }
+}
+
+/// One (sequence, kv head) task of [`forward`]: the sequence is tokens `a..a + t`. Each block
+/// of `BQ` queries runs for all `rep` heads of the group at once, as `rep·mq` packed rows.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn forward_task(
     shape: &AttentionShape,
     n: usize,
@@ -173,57 +201,62 @@ fn forward_task(
     let (d, rep) = (shape.head_dim, shape.group());
     let (qld, kld) = (shape.heads * d, shape.kv_heads * d);
     // Scratch for the whole task, reused by every block.
-    let mut s = vec![0f32; BQ * BK];
-    let mut acc = vec![0f32; BQ * d];
-    let mut m = [0f32; BQ];
-    let mut l = [0f32; BQ];
-    for h in g * rep..(g + 1) * rep {
-        for i0 in (0..t).step_by(BQ) {
-            let i1 = (i0 + BQ).min(t);
-            let mq = i1 - i0;
-            let qb = MatRef::block(q, qld, a + i0, mq, h * d, d);
-            let acc = &mut acc[..mq * d];
-            acc.fill(0.0);
-            m.fill(f32::NEG_INFINITY);
-            l.fill(0.0);
-            // Key blocks from the first key the block's first row sees up to its last row's
-            // diagonal: blocks wholly outside the causal window are never visited.
-            for j0 in (shape.first_key(i0)..i1).step_by(BK) {
-                let nk = (j0 + BK).min(i1) - j0;
-                let s = &mut s[..mq * nk];
-                let kb = MatRef::block(k, kld, a + j0, nk, g * d, d);
-                matmul(MatMut::new(s, mq, nk), qb, kb.t(), shape.scale, false, Par::Seq);
-                for (r, row) in s.chunks_exact_mut(nk).enumerate() {
-                    let (lo, hi) = shape.visible_cols(i0 + r, j0, nk);
-                    row[..lo].fill(0.0);
-                    row[hi..].fill(0.0);
-                    let seen = &mut row[lo..hi];
-                    if seen.is_empty() {
-                        continue; // nothing visible here: the row's running state is unchanged
-                    }
-                    let m_new = seen.iter().fold(m[r], |x, &y| x.max(y));
-                    super::math::exp_shifted(seen, m_new);
-                    let sum: f32 = seen.iter().sum();
-                    let alpha = super::math::exp(m[r] - m_new); // 0 for the first visible block (m = -inf)
-                    if alpha != 1.0 {
-                        acc[r * d..(r + 1) * d].iter_mut().for_each(|y| *y *= alpha);
-                    }
-                    l[r] = l[r] * alpha + sum;
-                    m[r] = m_new;
+    let rows_max = rep * BQ.min(t);
+    let mut qp = vec![0f32; rows_max * d];
+    let mut s = vec![0f32; rows_max * BK];
+    let mut acc = vec![0f32; rows_max * d];
+    let mut m = vec![0f32; rows_max];
+    let mut l = vec![0f32; rows_max];
+    for i0 in (0..t).step_by(BQ) {
+        let i1 = (i0 + BQ).min(t);
+        let mq = i1 - i0;
+        let rows = rep * mq;
+        pack_group(q, qld, d, rep, g, a, i0, mq, &mut qp);
+        let qb = MatRef::new(&qp[..rows * d], rows, d);
+        let (acc, m, l) = (&mut acc[..rows * d], &mut m[..rows], &mut l[..rows]);
+        acc.fill(0.0);
+        m.fill(f32::NEG_INFINITY);
+        l.fill(0.0);
+        // Key blocks from the first key the block's first query sees up to its last query's
+        // diagonal: blocks wholly outside the causal window are never visited.
+        for j0 in (shape.first_key(i0)..i1).step_by(BK) {
+            let nk = (j0 + BK).min(i1) - j0;
+            let s = &mut s[..rows * nk];
+            let kb = MatRef::block(k, kld, a + j0, nk, g * d, d);
+            matmul(MatMut::new(s, rows, nk), qb, kb.t(), shape.scale, false, Par::Seq);
+            for (x, row) in s.chunks_exact_mut(nk).enumerate() {
+                let (lo, hi) = shape.visible_cols(i0 + x % mq, j0, nk);
+                row[..lo].fill(0.0);
+                row[hi..].fill(0.0);
+                let seen = &mut row[lo..hi];
+                if seen.is_empty() {
+                    continue; // nothing visible here: the row's running state is unchanged
                 }
-                let vb = MatRef::block(v, kld, a + j0, nk, g * d, d);
-                matmul(MatMut::new(acc, mq, d), MatRef::new(s, mq, nk), vb, 1.0, true, Par::Seq);
+                let m_new = seen.iter().fold(m[x], |x, &y| x.max(y));
+                super::math::exp_shifted(seen, m_new);
+                let sum: f32 = seen.iter().sum();
+                let alpha = super::math::exp(m[x] - m_new); // 0 for the first visible block (m = -inf)
+                if alpha != 1.0 {
+                    acc[x * d..(x + 1) * d].iter_mut().for_each(|y| *y *= alpha);
+                }
+                l[x] = l[x] * alpha + sum;
+                m[x] = m_new;
             }
-            // Every row sees at least its own key, so l > 0 and m is finite.
-            for (r, row) in acc.chunks_exact_mut(d).enumerate() {
-                let inv = 1.0 / l[r];
-                row.iter_mut().for_each(|y| *y *= inv);
-                m[r] += l[r].ln();
-                // SAFETY: row a+i0+r, columns of head h: this task's own elements of `o`.
-                unsafe { o.write((a + i0 + r) * qld + h * d, row) };
-            }
-            // SAFETY: lse row h, tokens a+i0..a+i1 of this task's sequence.
-            unsafe { lse.write(h * n + a + i0, &m[..mq]) };
+            let vb = MatRef::block(v, kld, a + j0, nk, g * d, d);
+            matmul(MatMut::new(acc, rows, d), MatRef::new(s, rows, nk), vb, 1.0, true, Par::Seq);
+        }
+        // Every row sees at least its own key, so l > 0 and m is finite.
+        for (x, row) in acc.chunks_exact_mut(d).enumerate() {
+            let (h, r) = (g * rep + x / mq, x % mq);
+            let inv = 1.0 / l[x];
+            row.iter_mut().for_each(|y| *y *= inv);
+            m[x] += l[x].ln();
+            // SAFETY: row a+i0+r, columns of head h (of this task's group): its own elements of `o`.
+            unsafe { o.write((a + i0 + r) * qld + h * d, row) };
+        }
+        for (j, m) in m.chunks_exact(mq).enumerate() {
+            // SAFETY: lse row g·rep+j, tokens a+i0..a+i1 of this task's sequence.
+            unsafe { lse.write((g * rep + j) * n + a + i0, m) };
         }
     }
 }
@@ -256,68 +289,77 @@ pub fn backward(
     let (dq, dk, dv) = (Out::new(dq), Out::new(dk), Out::new(dv));
     tasks(shape, cu_seqlens).into_par_iter().with_max_len(1).for_each(|(a, t, g)| {
         let ins = [q, k, v, o, lse, d_o];
-        backward_task(shape, n, a, t, g, ins, [dq, dk, dv]);
+        super::simd::vectorized(|| backward_task(shape, n, a, t, g, ins, [dq, dk, dv]));
     });
 }
 
-/// One (sequence, kv head) task of [`backward`]; `ins` is `[q, k, v, o, lse, d_o]`.
+/// One (sequence, kv head) task of [`backward`]; `ins` is `[q, k, v, o, lse, d_o]`. As in the
+/// forward, a query block runs for the group's `rep` heads at once (packed rows), so the
+/// products `Pᵀ·dO` and `dSᵀ·Q` sum the heads' contributions to `dv`, `dk` inside one GEMM.
+#[inline(always)]
 fn backward_task(shape: &AttentionShape, n: usize, a: usize, t: usize, g: usize, ins: [&[f32]; 6], outs: [Out; 3]) {
     let [q, k, v, o, lse, d_o] = ins;
     let [dq, dk, dv] = outs;
     let (d, rep) = (shape.head_dim, shape.group());
     let (qld, kld) = (shape.heads * d, shape.kv_heads * d);
     // Scratch for the whole task, reused by every block.
-    let mut p = vec![0f32; BQ * BK];
-    let mut ds = vec![0f32; BQ * BK];
-    let mut dq_blk = vec![0f32; BQ * d];
+    let rows_max = rep * BQ.min(t);
+    let mut qp = vec![0f32; rows_max * d];
+    let mut dop = vec![0f32; rows_max * d];
+    let mut p = vec![0f32; rows_max * BK];
+    let mut ds = vec![0f32; rows_max * BK];
+    let mut dq_blk = vec![0f32; rows_max * d];
     let mut dk_loc = vec![0f32; t * d];
     let mut dv_loc = vec![0f32; t * d];
-    let mut delta = [0f32; BQ];
-    for h in g * rep..(g + 1) * rep {
-        for i0 in (0..t).step_by(BQ) {
-            let i1 = (i0 + BQ).min(t);
-            let mq = i1 - i0;
-            let qb = MatRef::block(q, qld, a + i0, mq, h * d, d);
-            let dob = MatRef::block(d_o, qld, a + i0, mq, h * d, d);
-            for (r, x) in delta[..mq].iter_mut().enumerate() {
-                let at = (a + i0 + r) * qld + h * d;
-                *x = d_o[at..at + d].iter().zip(&o[at..at + d]).map(|(x, y)| x * y).sum();
+    let mut delta = vec![0f32; rows_max];
+    let mut lse_p = vec![0f32; rows_max];
+    for i0 in (0..t).step_by(BQ) {
+        let i1 = (i0 + BQ).min(t);
+        let mq = i1 - i0;
+        let rows = rep * mq;
+        pack_group(q, qld, d, rep, g, a, i0, mq, &mut qp);
+        pack_group(d_o, qld, d, rep, g, a, i0, mq, &mut dop);
+        let (qb, dob) = (MatRef::new(&qp[..rows * d], rows, d), MatRef::new(&dop[..rows * d], rows, d));
+        for (x, (dl, ls)) in delta[..rows].iter_mut().zip(&mut lse_p[..rows]).enumerate() {
+            let (h, r) = (g * rep + x / mq, x % mq);
+            let at = (a + i0 + r) * qld + h * d;
+            *dl = dop[x * d..(x + 1) * d].iter().zip(&o[at..at + d]).map(|(x, y)| x * y).sum();
+            *ls = lse[h * n + a + i0 + r];
+        }
+        let dq_blk = &mut dq_blk[..rows * d];
+        let mut first = true;
+        for j0 in (shape.first_key(i0)..i1).step_by(BK) {
+            let nk = (j0 + BK).min(i1) - j0;
+            let (p, ds) = (&mut p[..rows * nk], &mut ds[..rows * nk]);
+            let kb = MatRef::block(k, kld, a + j0, nk, g * d, d);
+            let vb = MatRef::block(v, kld, a + j0, nk, g * d, d);
+            // P = exp(scale·Q·Kᵀ − lse), zero where masked.
+            matmul(MatMut::new(p, rows, nk), qb, kb.t(), shape.scale, false, Par::Seq);
+            for (x, row) in p.chunks_exact_mut(nk).enumerate() {
+                let (lo, hi) = shape.visible_cols(i0 + x % mq, j0, nk);
+                row[..lo].fill(0.0);
+                row[hi..].fill(0.0);
+                super::math::exp_shifted(&mut row[lo..hi], lse_p[x]);
             }
-            let lse_blk = &lse[h * n + a + i0..h * n + a + i1];
-            let dq_blk = &mut dq_blk[..mq * d];
-            let mut first = true;
-            for j0 in (shape.first_key(i0)..i1).step_by(BK) {
-                let nk = (j0 + BK).min(i1) - j0;
-                let (p, ds) = (&mut p[..mq * nk], &mut ds[..mq * nk]);
-                let kb = MatRef::block(k, kld, a + j0, nk, g * d, d);
-                let vb = MatRef::block(v, kld, a + j0, nk, g * d, d);
-                // P = exp(scale·Q·Kᵀ − lse), zero where masked.
-                matmul(MatMut::new(p, mq, nk), qb, kb.t(), shape.scale, false, Par::Seq);
-                for (r, row) in p.chunks_exact_mut(nk).enumerate() {
-                    let (lo, hi) = shape.visible_cols(i0 + r, j0, nk);
-                    row[..lo].fill(0.0);
-                    row[hi..].fill(0.0);
-                    super::math::exp_shifted(&mut row[lo..hi], lse_blk[r]);
-                }
-                // dV += Pᵀ·dO
-                let dvb = MatMut::block(&mut dv_loc, d, j0, nk, 0, d);
-                matmul(dvb, MatRef::new(p, mq, nk).t(), dob, 1.0, true, Par::Seq);
-                // dP = dO·Vᵀ, then dS = P∘(dP − D)·scale in place.
-                matmul(MatMut::new(ds, mq, nk), dob, vb.t(), 1.0, false, Par::Seq);
-                for (r, (dsr, pr)) in ds.chunks_exact_mut(nk).zip(p.chunks_exact(nk)).enumerate() {
-                    dsr.iter_mut().zip(pr).for_each(|(x, &p)| *x = p * (*x - delta[r]) * shape.scale);
-                }
-                // dQ += dS·K (the first block overwrites), dK += dSᵀ·Q.
-                let dsm = MatRef::new(ds, mq, nk);
-                matmul(MatMut::new(dq_blk, mq, d), dsm, kb, 1.0, !first, Par::Seq);
-                matmul(MatMut::block(&mut dk_loc, d, j0, nk, 0, d), dsm.t(), qb, 1.0, true, Par::Seq);
-                first = false;
+            // dV += Pᵀ·dO (over the group's heads)
+            let dvb = MatMut::block(&mut dv_loc, d, j0, nk, 0, d);
+            matmul(dvb, MatRef::new(p, rows, nk).t(), dob, 1.0, true, Par::Seq);
+            // dP = dO·Vᵀ, then dS = P∘(dP − D)·scale in place.
+            matmul(MatMut::new(ds, rows, nk), dob, vb.t(), 1.0, false, Par::Seq);
+            for (x, (dsr, pr)) in ds.chunks_exact_mut(nk).zip(p.chunks_exact(nk)).enumerate() {
+                dsr.iter_mut().zip(pr).for_each(|(y, &p)| *y = p * (*y - delta[x]) * shape.scale);
             }
-            // The key range is never empty (a query sees itself), so dq_blk was overwritten.
-            for (r, row) in dq_blk.chunks_exact(d).enumerate() {
-                // SAFETY: row a+i0+r, columns of head h: this task's own elements of `dq`.
-                unsafe { dq.write((a + i0 + r) * qld + h * d, row) };
-            }
+            // dQ += dS·K (the first block overwrites), dK += dSᵀ·Q (over the group's heads).
+            let dsm = MatRef::new(ds, rows, nk);
+            matmul(MatMut::new(dq_blk, rows, d), dsm, kb, 1.0, !first, Par::Seq);
+            matmul(MatMut::block(&mut dk_loc, d, j0, nk, 0, d), dsm.t(), qb, 1.0, true, Par::Seq);
+            first = false;
+        }
+        // The key range is never empty (a query sees itself), so dq_blk was overwritten.
+        for (x, row) in dq_blk.chunks_exact(d).enumerate() {
+            let (h, r) = (g * rep + x / mq, x % mq);
+            // SAFETY: row a+i0+r, columns of head h (of this task's group): its own elements of `dq`.
+            unsafe { dq.write((a + i0 + r) * qld + h * d, row) };
         }
     }
     for (r, (dkr, dvr)) in dk_loc.chunks_exact(d).zip(dv_loc.chunks_exact(d)).enumerate() {

@@ -38,6 +38,12 @@ pub fn chunk_rows(vocab: usize) -> usize {
 /// sum by less), which scales every probability of the row and showed up as a 1e-5 error
 /// in `dh`; in f64 the row's error is that of its f32 terms.
 fn row_loss_and_grad(z: &mut [f32], target: usize) -> f32 {
+    super::simd::vectorized(|| row_body(z, target))
+}
+
+/// The body of [`row_loss_and_grad`], compiled for the CPU's vector width there.
+#[inline(always)]
+fn row_body(z: &mut [f32], target: usize) -> f32 {
     let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let zt = z[target];
     let mut sum = 0f64;

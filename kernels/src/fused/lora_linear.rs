@@ -90,11 +90,13 @@ impl Dropout<'_> {
             for chunk in part.chunks_mut(DRAWS) {
                 let words = &mut words[..chunk.len()];
                 rng.fill(words);
-                for (m, &w) in mask.iter_mut().zip(words.iter()) {
-                    let u = (w >> 8) as f32 * (1.0 / 16_777_216.0);
-                    *m = if u < p { 0.0 } else { keep };
-                }
-                f(chunk, &mask[..chunk.len()]);
+                super::simd::vectorized(|| {
+                    for (m, &w) in mask.iter_mut().zip(words.iter()) {
+                        let u = (w >> 8) as f32 * (1.0 / 16_777_216.0);
+                        *m = if u < p { 0.0 } else { keep };
+                    }
+                    f(chunk, &mask[..chunk.len()]);
+                });
             }
         });
     }

@@ -16,4 +16,5 @@ pub mod lora_linear;
 pub mod math;
 pub mod rms_norm;
 pub mod rope;
+pub mod simd;
 pub mod swiglu;

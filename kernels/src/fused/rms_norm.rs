@@ -9,6 +9,8 @@
 use candle_core::{Result, Tensor, D};
 use rayon::prelude::*;
 
+use super::simd::vectorized;
+
 /// Rows from which a pass is split over the rayon pool (below, one thread is cheaper).
 const PAR_ROWS: usize = 64;
 
@@ -33,9 +35,11 @@ pub fn forward(x: &[f32], w: &[f32], eps: f64, y: &mut [f32], rstd: &mut [f32]) 
     let row = |((y, x), r): ((&mut [f32], &[f32]), &mut f32)| {
         let ss: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
         let inv = (1.0 / (ss / h as f64 + eps).sqrt()) as f32;
-        for ((o, &v), &wv) in y.iter_mut().zip(x).zip(w) {
-            *o = wv * (v * inv);
-        }
+        vectorized(|| {
+            for ((o, &v), &wv) in y.iter_mut().zip(x).zip(w) {
+                *o = wv * (v * inv);
+            }
+        });
         *r = inv;
     };
     if rows >= PAR_ROWS {
@@ -77,9 +81,11 @@ fn backward_row(dx: &mut [f32], dy: &[f32], x: &[f32], w: &[f32], r: f32) {
     let dot: f64 = dy.iter().zip(w).zip(x).map(|((&g, &wv), &v)| f64::from(g * wv) * f64::from(v)).sum();
     let r64 = f64::from(r);
     let coef = (r64 * r64 * r64 * dot / w.len() as f64) as f32;
-    for (((d, &g), &wv), &v) in dx.iter_mut().zip(dy).zip(w).zip(x) {
-        *d += g * wv * r - v * coef;
-    }
+    vectorized(|| {
+        for (((d, &g), &wv), &v) in dx.iter_mut().zip(dy).zip(w).zip(x) {
+            *d += g * wv * r - v * coef;
+        }
+    });
 }
 
 /// The same maths as candle tensor ops over the last dimension of `x` (`[..., hidden]`):

@@ -55,15 +55,17 @@ pub fn apply(
         let p = p as usize;
         assert!(p < max_pos, "rope: position {p} outside tables of {max_pos}");
         let (c, s) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
-        for head in row[col0..col0 + width].chunks_exact_mut(head_dim) {
-            let (lo, hi) = head.split_at_mut(half);
-            for (((a, b), &c), &s) in lo.iter_mut().zip(hi.iter_mut()).zip(c).zip(s) {
-                let s = if inverse { -s } else { s };
-                let (x1, x2) = (*a, *b);
-                *a = x1 * c - x2 * s;
-                *b = x2 * c + x1 * s;
+        super::simd::vectorized(|| {
+            for head in row[col0..col0 + width].chunks_exact_mut(head_dim) {
+                let (lo, hi) = head.split_at_mut(half);
+                for (((a, b), &c), &s) in lo.iter_mut().zip(hi.iter_mut()).zip(c).zip(s) {
+                    let s = if inverse { -s } else { s };
+                    let (x1, x2) = (*a, *b);
+                    *a = x1 * c - x2 * s;
+                    *b = x2 * c + x1 * s;
+                }
             }
-        }
+        })
     };
     if positions.len() >= PAR_ROWS {
         x.par_chunks_mut(row_stride).zip(positions.par_iter()).for_each(row);

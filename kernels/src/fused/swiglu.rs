@@ -12,6 +12,8 @@
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
+use super::simd::vectorized;
+
 /// Rows from which a pass is split over the rayon pool.
 const PAR_ROWS: usize = 64;
 
@@ -35,9 +37,11 @@ pub fn forward(eg: &[f32], f: usize, m: &mut [f32]) {
     }
     let row = |(m, eg): (&mut [f32], &[f32])| {
         let (e, g) = eg.split_at(f);
-        for ((o, &e), &g) in m.iter_mut().zip(e).zip(g) {
-            *o = e / (1.0 + super::math::exp(-e)) * g;
-        }
+        vectorized(|| {
+            for ((o, &e), &g) in m.iter_mut().zip(e).zip(g) {
+                *o = e / (1.0 + super::math::exp(-e)) * g;
+            }
+        })
     };
     if m.len() / f >= PAR_ROWS {
         m.par_chunks_mut(f).zip(eg.par_chunks(2 * f)).for_each(row);
@@ -58,12 +62,14 @@ pub fn backward(eg: &[f32], f: usize, dm: &[f32], deg: &mut [f32]) {
     let row = |((deg, eg), dm): ((&mut [f32], &[f32]), &[f32])| {
         let (e, g) = eg.split_at(f);
         let (de, dg) = deg.split_at_mut(f);
-        for ((((de, dg), &e), &g), &d) in de.iter_mut().zip(dg).zip(e).zip(g).zip(dm) {
-            let denom = 1.0 + super::math::exp(-e);
-            let (sig, silu) = (1.0 / denom, e / denom);
-            *de = d * g * sig * (1.0 + e * (1.0 - sig));
-            *dg = d * silu;
-        }
+        vectorized(|| {
+            for ((((de, dg), &e), &g), &d) in de.iter_mut().zip(dg).zip(e).zip(g).zip(dm) {
+                let denom = 1.0 + super::math::exp(-e);
+                let (sig, silu) = (1.0 / denom, e / denom);
+                *de = d * g * sig * (1.0 + e * (1.0 - sig));
+                *dg = d * silu;
+            }
+        })
     };
     if n >= PAR_ROWS {
         deg.par_chunks_mut(2 * f).zip(eg.par_chunks(2 * f)).zip(dm.par_chunks(f)).for_each(row);
