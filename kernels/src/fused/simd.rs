@@ -11,6 +11,7 @@
 //! copy, as [`force_baseline`] does.
 
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::OnceLock;
 
 const UNSET: u8 = 0;
 const BEST: u8 = 1;
@@ -29,8 +30,14 @@ fn arch() -> pulp::Arch {
     if mode == BASELINE {
         pulp::Arch::Scalar
     } else {
-        pulp::Arch::new()
+        best()
     }
+}
+
+/// The CPU's best instruction sets, detected once (the calls come once per row).
+fn best() -> pulp::Arch {
+    static BEST_ARCH: OnceLock<pulp::Arch> = OnceLock::new();
+    *BEST_ARCH.get_or_init(pulp::Arch::new)
 }
 
 /// Runs every later [`vectorized`] call on the baseline instructions (`true`) or on the
