@@ -16,6 +16,7 @@ pub mod model_config;
 pub mod peft;
 pub mod prompt;
 pub mod protocol;
+pub mod run_checkpoint;
 pub mod special_tokens;
 
 pub use batch::{Batch, IGNORE_INDEX};

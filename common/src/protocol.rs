@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// Bumped on any change to the messages below; peers with another version are refused.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest frame accepted before a peer has authenticated.
 pub const MAX_HANDSHAKE_FRAME: usize = 4 * 1024;
 /// Largest frame accepted from an authenticated peer (the most a u32 length can say): an
@@ -98,6 +98,13 @@ pub enum ToCoordinator {
         /// The optimizer state as written to `optimizer.safetensors`.
         optimizer: Vec<u8>,
     },
+    /// The state of [`ToWorker::Restore`] is in place.
+    Restored {
+        /// The step it is after.
+        step: u64,
+        /// Its digest, as [`ToCoordinator::Digest`] would report it.
+        digest: Hash,
+    },
     /// The worker hit an error and stops; the run stops with it.
     Failed {
         /// What happened.
@@ -158,6 +165,15 @@ pub enum ToWorker {
     },
     /// Send the trainable state.
     Fetch,
+    /// Replace the trainable state with a checkpoint's (a resumed run), then report its digest.
+    Restore {
+        /// The step the state is after.
+        step: u64,
+        /// The adapter's `adapter_model.safetensors` bytes.
+        adapter: Vec<u8>,
+        /// The optimizer's `optimizer.safetensors` bytes.
+        optimizer: Vec<u8>,
+    },
     /// The run is over (or aborted); exit.
     Shutdown {
         /// Why.
@@ -340,11 +356,12 @@ mod tests {
         let mut frame = encode(&ToCoordinator::Ready);
         frame[4] = 9;
         assert_eq!(decode::<ToCoordinator>(&frame[4..]), Err(FrameError::Version { got: 9 }));
-        let garbage = [1u8, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0x13];
+        let [v0, v1] = PROTOCOL_VERSION.to_le_bytes();
+        let garbage = [v0, v1, 0xff, 0xff, 0xff, 0xff, 0xff, 0x13];
         assert!(matches!(decode::<ToCoordinator>(&garbage), Err(FrameError::Malformed(_))));
         assert!(matches!(decode::<ToCoordinator>(&[1]), Err(FrameError::Malformed(_))));
         // A length claiming a huge vector must not allocate it.
-        let mut huge = vec![1u8, 0, 5];
+        let mut huge = vec![v0, v1, 5];
         huge.extend_from_slice(&[0xfc, 0xff, 0xff, 0xff, 0xff]);
         assert!(decode::<ToCoordinator>(&huge).is_err());
     }

@@ -33,6 +33,18 @@ macro_rules! train_flags {
             /// still override them.
             #[arg(long, conflicts_with = "config")]
             pub demo: bool,
+            /// Continue from a checkpoint: a `checkpoint-STEP` folder, or `latest` (the default
+            /// value: the newest one in output_dir). It is verified against its manifest (a
+            /// torn or corrupt one falls back to the previous one) and must come from a run with
+            /// the same base model, data and training settings.
+            #[arg(
+                long = "resume_from_checkpoint",
+                visible_alias = "resume",
+                value_name = "DIR|latest",
+                num_args = 0..=1,
+                default_missing_value = "latest"
+            )]
+            pub resume_from_checkpoint: Option<String>,
             /// Print the effective configuration as TOML and exit.
             #[arg(long = "print-config", alias = "print_config")]
             pub print_config: bool,

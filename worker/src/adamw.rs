@@ -114,21 +114,27 @@ impl AdamW {
     /// Restores state written by [`AdamW::save`] for parameters named `names`.
     pub fn load(config: AdamWConfig, names: &[String], path: &Path, device: &Device) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::weights(path, e.to_string()))?;
-        let (_, meta) =
-            safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| Error::weights(path, e.to_string()))?;
+        Self::from_bytes(config, names, &bytes, device).map_err(|e| Error::weights(path, e))
+    }
+
+    /// Restores state from the bytes [`AdamW::to_bytes`] made; the error says what is wrong.
+    pub fn from_bytes(config: AdamWConfig, names: &[String], bytes: &[u8], device: &Device) -> Result<Self, String> {
+        let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| e.to_string())?;
         let step = meta
             .metadata()
             .as_ref()
             .and_then(|m| m.get("step"))
             .and_then(|s| s.parse().ok())
-            .ok_or_else(|| Error::weights(path, "no `step` in the metadata"))?;
-        let tensors =
-            candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| Error::weights(path, e.to_string()))?;
-        let take = |key: String| {
-            tensors.get(&key).cloned().ok_or_else(|| Error::weights(path, format!("tensor {key} is missing")))
-        };
-        let m = names.iter().map(|n| take(format!("exp_avg.{n}"))).collect::<Result<_>>()?;
-        let v = names.iter().map(|n| take(format!("exp_avg_sq.{n}"))).collect::<Result<_>>()?;
+            .ok_or("no `step` in the metadata")?;
+        let tensors = candle_core::safetensors::load_buffer(bytes, device).map_err(|e| e.to_string())?;
+        let take = |key: String| tensors.get(&key).cloned().ok_or_else(|| format!("tensor {key} is missing"));
+        let m = names.iter().map(|n| take(format!("exp_avg.{n}"))).collect::<Result<_, _>>()?;
+        let v = names.iter().map(|n| take(format!("exp_avg_sq.{n}"))).collect::<Result<_, _>>()?;
         Ok(Self { config, step, m, v })
+    }
+
+    /// The hyperparameters.
+    pub fn config(&self) -> &AdamWConfig {
+        &self.config
     }
 }

@@ -70,6 +70,10 @@ impl Executor {
                 ToCoordinator::ExactMatchDone { correct: correct as u64, total: pairs.len() as u64 }
             }
             ToWorker::Verify { step } => ToCoordinator::Digest { step, digest: self.replica.digest()? },
+            ToWorker::Restore { step, adapter, optimizer } => {
+                self.replica.restore(step, &adapter, &optimizer)?;
+                ToCoordinator::Restored { step, digest: self.replica.digest()? }
+            }
             ToWorker::Fetch => {
                 let (adapter, optimizer) = self.replica.state_bytes()?;
                 ToCoordinator::State { adapter, optimizer }

@@ -5,7 +5,7 @@
 use crate::adamw::{AdamW, AdamWConfig};
 use crate::collective::Collective;
 use crate::dropout::Dropout;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::lora::LoraAdapter;
 use crate::model::Llama;
 use crate::train::{apply, StepAccumulator, StepStats};
@@ -117,6 +117,28 @@ impl Replica {
             }
         }
         Ok(h.finalize().into())
+    }
+
+    /// Replaces the adapter's weights and the optimizer state with a checkpoint's (the bytes
+    /// [`Replica::state_bytes`] made), which must hold state after `step`.
+    pub fn restore(&mut self, step: u64, adapter: &[u8], optimizer: &[u8]) -> Result<()> {
+        let invalid = |what: &str, e: String| Error::Invalid(format!("checkpoint of step {step}: {what}: {e}"));
+        let device = self.model.device().clone();
+        let loaded =
+            crate::adapter_io::adapter_from_bytes(adapter, self.adapter.config.clone(), self.model.config(), &device)?;
+        let optimizer = AdamW::from_bytes(self.optimizer.config().clone(), &self.names(), optimizer, &device)
+            .map_err(|e| invalid("optimizer state", e))?;
+        if optimizer.steps() != step {
+            return Err(invalid("optimizer state", format!("holds {} steps", optimizer.steps())));
+        }
+        for ((name, var), (_, new)) in self.adapter.named_vars().into_iter().zip(loaded.named_vars()) {
+            if var.shape() != new.shape() {
+                return Err(invalid(&name, format!("shape {:?}, expected {:?}", new.shape(), var.shape())));
+            }
+            var.set(new.as_tensor())?;
+        }
+        self.optimizer = optimizer;
+        Ok(())
     }
 
     /// The adapter and the optimizer state as safetensors files, for the coordinator to write.

@@ -28,6 +28,7 @@ pub fn spawn(n: usize, join: &str, device: &str) -> Result<Vec<Child>> {
         .map(|i| {
             let mut cmd = Command::new(&bin);
             cmd.arg("--join").arg(join).arg("--name").arg(format!("local-{i}")).kill_on_drop(true);
+            cmd.arg("--exit-with-stdin").stdin(std::process::Stdio::piped());
             if device.starts_with("cuda") {
                 cmd.arg("--device").arg(format!("cuda:{i}"));
             } else if std::env::var_os("RAYON_NUM_THREADS").is_none() {

@@ -102,11 +102,15 @@ async fn drive(
     let join = format!("lorafleet://{}@{addr}/{}", secrets.token, secrets.fingerprint);
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(server::accept(endpoint.clone(), secrets.clone(), events_tx.clone()));
+    // Local workers' standard inputs: held open for the run; when this process ends, killed
+    // or not, they close and the workers exit (`worker --exit-with-stdin`).
+    let mut lifelines = Vec::new();
     if flags.listen.is_none() {
         sink.say(&format!("starting {} local workers", config.workers));
         // Each child is watched (and killed with the runtime if the run ends first): a local
         // worker that dies before joining would otherwise leave the run waiting forever.
         for (i, mut child) in launch::spawn(config.workers, &join, &config.device)?.into_iter().enumerate() {
+            lifelines.extend(child.stdin.take());
             let tx = events_tx.clone();
             tokio::spawn(async move {
                 let status = child.wait().await.map_or_else(|e| e.to_string(), |s| s.to_string());

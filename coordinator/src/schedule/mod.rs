@@ -57,6 +57,17 @@ pub struct Plan {
     pub expected: Option<(Hash, Hash)>,
     /// A worker that sends nothing (not even a heartbeat) for this long is lost.
     pub heartbeat_timeout: Duration,
+    /// Continue from a checkpoint instead of step 1.
+    pub resume: Option<ResumePoint>,
+}
+
+/// Where a resumed run picks up: the state after `step`, whose digest the checkpoint recorded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResumePoint {
+    /// The checkpoint's step; training continues at `step + 1`.
+    pub step: u64,
+    /// [`ToCoordinator::Digest`] of the state when it was saved: every rank must restore it.
+    pub digest: Hash,
 }
 
 /// What the shell reports.
@@ -124,6 +135,8 @@ pub enum Command {
     Verify(u64),
     /// Send the trainable state.
     Fetch,
+    /// Load the resume checkpoint's state (after this step).
+    Restore(u64),
     /// Exit.
     Shutdown(String),
 }
@@ -197,12 +210,12 @@ pub enum Action {
     Checkpoint {
         /// The step.
         step: u64,
-        /// 0-based epoch the step belongs to.
-        epoch: u64,
         /// Adapter safetensors bytes.
         adapter: Vec<u8>,
         /// Optimizer safetensors bytes.
         optimizer: Vec<u8>,
+        /// The replicas' agreed state digest (a resume checks the restored state against it).
+        digest: Hash,
     },
     /// Write the final adapter (replicas agreed).
     Final {
@@ -231,11 +244,12 @@ enum Phase {
     Gathering,
     Identifying(Vec<Option<Identity>>),
     Connecting(Vec<bool>),
+    Restoring(u64, Vec<Option<Hash>>),
     Scoring(Stage, Vec<Option<(u64, u64)>>),
     Stepping(u64, Vec<Option<StepReport>>),
     Evaluating(u64, Vec<Option<(f64, u64)>>),
     Verifying(u64, Vec<Option<Hash>>),
-    Fetching(u64),
+    Fetching(u64, Hash),
     Over,
 }
 
@@ -412,7 +426,34 @@ impl Schedule {
             (Phase::Connecting(ready), ToCoordinator::Ready) if !ready[r] => {
                 ready[r] = true;
                 if ready.iter().all(|&b| b) {
-                    self.start_scoring_or(Stage::Before);
+                    match self.plan.resume {
+                        Some(at) => {
+                            self.broadcast(|_| Command::Restore(at.step));
+                            self.phase = Phase::Restoring(at.step, vec![None; self.plan.world]);
+                        }
+                        None => self.start_scoring_or(Stage::Before),
+                    }
+                }
+            }
+            (Phase::Restoring(step, got), ToCoordinator::Restored { step: s, digest })
+                if got[r].is_none() && s == *step =>
+            {
+                let expected = self.plan.resume.map(|at| at.digest).unwrap_or_default();
+                if digest != expected {
+                    let (got, want) = (hex(&digest[..6]), hex(&expected[..6]));
+                    return self.abort(format!(
+                        "worker {name} (rank {r}) restored the checkpoint of step {s} as state {got}, \
+                         but it was saved as {want}"
+                    ));
+                }
+                got[r] = Some(digest);
+                if got.iter().all(Option::is_some) {
+                    self.actions.push_back(Action::Say(format!(
+                        "resumed from step {s}: every rank holds the saved state ({})",
+                        hex(&expected[..6])
+                    )));
+                    // The base model's score was taken before the interruption.
+                    self.start_step(s + 1);
                 }
             }
             (Phase::Scoring(stage, got), ToCoordinator::ExactMatchDone { correct, total }) if got[r].is_none() => {
@@ -422,7 +463,7 @@ impl Schedule {
                     let stage = *stage;
                     self.actions.push_back(Action::Scored { stage, correct, total });
                     match stage {
-                        Stage::Before => self.start_step(1),
+                        Stage::Before => self.start_step(self.first_step()),
                         Stage::After => self.finish(),
                     }
                 }
@@ -464,17 +505,16 @@ impl Schedule {
                         return self.abort(format!("replicas diverged at step {step}: {reason}"));
                     }
                     self.send(0, Command::Fetch);
-                    self.phase = Phase::Fetching(step);
+                    self.phase = Phase::Fetching(step, digests[0]);
                 }
             }
-            (Phase::Fetching(step), ToCoordinator::State { adapter, optimizer }) if r == 0 => {
-                let step = *step;
+            (Phase::Fetching(step, digest), ToCoordinator::State { adapter, optimizer }) if r == 0 => {
+                let (step, digest) = (*step, *digest);
                 if step == self.plan.total_steps {
                     self.actions.push_back(Action::Final { step, adapter });
                     self.start_scoring_or(Stage::After);
                 } else {
-                    let epoch = (step - 1) / self.plan.steps_per_epoch.max(1);
-                    self.actions.push_back(Action::Checkpoint { step, epoch, adapter, optimizer });
+                    self.actions.push_back(Action::Checkpoint { step, adapter, optimizer, digest });
                     self.start_step(step + 1);
                 }
             }
@@ -486,7 +526,7 @@ impl Schedule {
         let n = self.plan.exact_pairs;
         if n == 0 {
             return match stage {
-                Stage::Before => self.start_step(1),
+                Stage::Before => self.start_step(self.first_step()),
                 Stage::After => self.finish(),
             };
         }
@@ -499,6 +539,11 @@ impl Schedule {
         self.broadcast(|_| Command::Shutdown("training finished".into()));
         self.actions.push_back(Action::Done);
         self.phase = Phase::Over;
+    }
+
+    /// Step 1, or the one after the resume checkpoint's.
+    fn first_step(&self) -> u64 {
+        self.plan.resume.map_or(1, |at| at.step + 1)
     }
 
     fn lr(&self, step: u64) -> f64 {

@@ -25,6 +25,7 @@ fn plan(world: usize) -> Plan {
         lr: ("linear".into(), 1e-3, 1),
         expected: Some(IDENTITY),
         heartbeat_timeout: Duration::from_secs(30),
+        resume: None,
     }
 }
 
@@ -132,6 +133,10 @@ impl Sim {
                 (100, ToCoordinator::Digest { step: *step, digest })
             }
             Command::Fetch => (100, ToCoordinator::State { adapter: vec![1, 2], optimizer: vec![3] }),
+            Command::Restore(step) => {
+                let digest = if b.diverges { [id as u8 + 1; 32] } else { [0; 32] };
+                (100, ToCoordinator::Restored { step: *step, digest })
+            }
             Command::Shutdown(_) => return,
         };
         let at = self.now - self.start + Duration::from_millis(delay);
@@ -326,4 +331,50 @@ fn shards_cover_everything_once() {
         let all: Vec<usize> = (0..world).flat_map(|r| shard(n, world, r)).collect();
         assert_eq!(all, (0..n).collect::<Vec<_>>());
     }
+}
+
+#[test]
+fn a_resumed_run_restores_every_rank_then_continues_after_the_checkpoint_with_the_same_batches() {
+    let sent_steps = |sim: &Sim| -> Vec<(u64, Vec<Vec<usize>>)> {
+        let mut steps: Vec<_> = sim
+            .sent
+            .iter()
+            .filter_map(|(id, c)| match c {
+                Command::Step { step, micro_batches, .. } if *id == 0 => Some((*step, micro_batches.clone())),
+                _ => None,
+            })
+            .collect();
+        steps.sort();
+        steps
+    };
+    let mut whole = Sim::new(plan(2));
+    whole.join(Duration::ZERO, Behaviour::default());
+    whole.join(Duration::ZERO, Behaviour::default());
+    whole.run();
+
+    let mut plan = plan(2);
+    plan.resume = Some(ResumePoint { step: 2, digest: [0; 32] });
+    let mut sim = Sim::new(plan.clone());
+    sim.join(Duration::ZERO, Behaviour::default());
+    sim.join(Duration::ZERO, Behaviour::default());
+    sim.run();
+    assert!(sim.abort_reason().is_none(), "{:?}", sim.abort_reason());
+    let restores = sim.sent.iter().filter(|(_, c)| matches!(c, Command::Restore(2))).count();
+    assert_eq!(restores, 2, "every rank restores");
+    // Steps 3..=5, each with the batches the uninterrupted run gave it (epoch 1 included).
+    assert_eq!(sent_steps(&sim), sent_steps(&whole)[2..].to_vec());
+    // The base model was scored before the interruption; only the trained adapter is.
+    let stages: Vec<Stage> =
+        sim.log.iter().filter_map(|a| if let Action::Scored { stage, .. } = a { Some(*stage) } else { None }).collect();
+    assert_eq!(stages, [Stage::After]);
+    assert!(sim.log.iter().any(|a| matches!(a, Action::Final { step: 5, .. })));
+
+    // A rank whose restored state has another digest stops the run before any step.
+    let mut sim = Sim::new(plan);
+    sim.join(Duration::ZERO, Behaviour::default());
+    sim.join(Duration::ZERO, Behaviour { diverges: true, ..Default::default() });
+    sim.run();
+    let reason = sim.abort_reason().expect("aborted");
+    assert!(reason.contains("rank 1") && reason.contains("step 2"), "{reason}");
+    assert!(!sim.sent.iter().any(|(_, c)| matches!(c, Command::Step { .. })));
 }

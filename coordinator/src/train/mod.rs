@@ -54,13 +54,18 @@ pub fn run(flags: TrainFlags) -> Result<()> {
     let distributed = config.workers > 1 || flags.launch.listen.is_some();
     let per_epoch = steps_per_epoch(prepared.train.len(), config.batch_size) as u64;
     let total = config.max_steps.map_or(per_epoch * config.num_epochs as u64, |m| m as u64);
-    let expected = if distributed {
-        Some((
-            lorafleet_worker::identity::model_digest(&config.base_model)?,
-            lorafleet_worker::identity::tokenizer_digest(&config.base_model)?,
-        ))
-    } else {
-        None
+    let digests = (
+        lorafleet_worker::identity::model_digest(&config.base_model)?,
+        lorafleet_worker::identity::tokenizer_digest(&config.base_model)?,
+    );
+    let identity = checkpoint::RunIdentity::new(digests, &prepared.train, per_epoch, total);
+    let resume = match &flags.resume_from_checkpoint {
+        Some(spec) => {
+            let r = checkpoint::resume(spec, &config, &identity, |w| eprintln!("{w}"))?;
+            eprintln!("resuming from {} (step {} of {total})", r.dir.display(), r.point.step);
+            Some(r)
+        }
+        None => None,
     };
     let plan = Plan {
         world: config.workers,
@@ -76,8 +81,9 @@ pub fn run(flags: TrainFlags) -> Result<()> {
         eval_steps: config.eval_steps as u64,
         save_steps: config.save_steps as u64,
         lr: (config.lr_scheduler.clone(), config.learning_rate, config.warmup_steps),
-        expected,
+        expected: distributed.then_some(digests),
         heartbeat_timeout: Duration::from_secs(flags.launch.heartbeat_timeout),
+        resume: resume.as_ref().map(|r| r.point),
     };
     eprintln!(
         "training LoRA on {} examples: {total} steps ({per_epoch} per epoch), batch {} = {} worker(s) x {} x {} micro-batches",
@@ -101,13 +107,15 @@ pub fn run(flags: TrainFlags) -> Result<()> {
         micro: config.micro_batch_size,
         max_new_tokens: config.eval_max_new_tokens as u32,
         ring_key: rand::random(),
+        resume: resume.map(|r| (r.adapter, r.optimizer)),
     };
     let launch = &flags.launch;
     let metrics = Arc::new(Metrics::new(&wire.run_id, config.workers, total, plan.heartbeat_timeout)?);
     if let Some(addr) = crate::metrics::serve(&launch.metrics_addr, metrics.clone())? {
         eprintln!("metrics: http://{addr}/metrics (run_id {})", wire.run_id);
     }
-    let mut sink = Sink::new(&config, prepared.model, total)?.with_metrics(metrics);
+    let resumed = plan.resume.map(|r| r.step);
+    let mut sink = Sink::new(&config, prepared.model, identity, resumed)?.with_metrics(metrics);
     let schedule = Schedule::new(plan);
     let result = if distributed {
         crate::cluster::run(&config, launch, schedule, &wire, &mut sink)

@@ -16,13 +16,24 @@ pub struct Reporter {
     pub train_points: Vec<(f64, f64)>,
     /// (step, eval loss) for the plot.
     pub eval_points: Vec<(f64, f64)>,
+    /// The exact-match accuracy before training that a resumed run's first attempt logged.
+    pub exact_before: Option<f64>,
 }
 
 impl Reporter {
     /// Starts a run of `total` steps writing `output_dir/metrics.jsonl`.
     pub fn new(output_dir: &Path, total: u64) -> Result<Self> {
-        let path = output_dir.join("metrics.jsonl");
-        let metrics = File::create(&path).with_context(|| format!("{}", path.display()))?;
+        Self::open(&output_dir.join("metrics.jsonl"), total, false)
+    }
+
+    fn open(path: &Path, total: u64, append: bool) -> Result<Self> {
+        let metrics = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(append)
+            .truncate(!append)
+            .open(path)
+            .with_context(|| format!("{}", path.display()))?;
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new(total);
             bar.set_style(
@@ -31,7 +42,40 @@ impl Reporter {
             );
             bar
         });
-        Ok(Self { bar, metrics, train_points: Vec::new(), eval_points: Vec::new() })
+        Ok(Self { bar, metrics, train_points: Vec::new(), eval_points: Vec::new(), exact_before: None })
+    }
+
+    /// Continues a run resumed after `step`: `metrics.jsonl` keeps the records up to that
+    /// step (those after it belong to the interrupted attempt and are logged again), and the
+    /// plot starts from them.
+    pub fn resume(output_dir: &Path, total: u64, step: u64) -> Result<Self> {
+        let path = output_dir.join("metrics.jsonl");
+        let old = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e).with_context(|| format!("{}", path.display())),
+        };
+        let kept: Vec<Value> = old
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["step"].as_u64().is_none_or(|s| s <= step))
+            .collect();
+        let text: String = kept.iter().map(|v| format!("{v}\n")).collect();
+        lorafleet_common::atomic::write_file(&path, text.as_bytes())?;
+        let mut me = Self::open(&path, total, true)?;
+        for v in &kept {
+            let point = (v["step"].as_f64().unwrap_or(0.0), v["loss"].as_f64().or(v["eval_loss"].as_f64()));
+            match (v["type"].as_str(), point) {
+                (Some("train"), (s, Some(l))) => me.train_points.push((s, l)),
+                (Some("eval"), (s, Some(l))) => me.eval_points.push((s, l)),
+                (Some("exact_match"), _) if v["stage"] == "before" => me.exact_before = v["accuracy"].as_f64(),
+                _ => {}
+            }
+        }
+        if let Some(bar) = &me.bar {
+            bar.set_position(step);
+        }
+        Ok(me)
     }
 
     /// A line of text above the bar (or on stderr).

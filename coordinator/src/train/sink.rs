@@ -32,6 +32,7 @@ pub struct Outcome {
 pub struct Sink<'a> {
     config: &'a TrainConfig,
     model: ModelConfig,
+    identity: checkpoint::RunIdentity,
     reporter: Reporter,
     total: u64,
     started: Instant,
@@ -42,12 +43,23 @@ pub struct Sink<'a> {
 }
 
 impl<'a> Sink<'a> {
-    /// A sink writing into `config.output_dir`.
-    pub fn new(config: &'a TrainConfig, model: ModelConfig, total: u64) -> Result<Self> {
+    /// A sink writing into `config.output_dir`, for a run of `identity` that starts after
+    /// `resumed` (a checkpoint's step) or from the beginning.
+    pub fn new(
+        config: &'a TrainConfig,
+        model: ModelConfig,
+        identity: checkpoint::RunIdentity,
+        resumed: Option<u64>,
+    ) -> Result<Self> {
+        let total = identity.max_steps;
+        let reporter = match resumed {
+            Some(step) => Reporter::resume(&config.output_dir, total, step)?,
+            None => Reporter::new(&config.output_dir, total)?,
+        };
         Ok(Self {
             config,
             model,
-            reporter: Reporter::new(&config.output_dir, total)?,
+            identity,
             total,
             started: Instant::now(),
             step_started: None,
@@ -56,9 +68,10 @@ impl<'a> Sink<'a> {
                 train_seconds: 0.0,
                 tokens: 0,
                 eval_loss: None,
-                exact: (None, None),
+                exact: (reporter.exact_before, None),
                 peak_rss: Default::default(),
             },
+            reporter,
             block: Vec::new(),
             metrics: None,
         })
@@ -115,11 +128,18 @@ impl<'a> Sink<'a> {
                 };
                 self.reporter.record(json!({"type": "exact_match", "stage": name, "accuracy": acc, "examples": total}))
             }
-            Action::Checkpoint { step, epoch, adapter, optimizer } => {
-                let written = self
-                    .adapter(adapter)
-                    .and_then(|a| checkpoint::save(self.config, &self.model, &a, optimizer, *step, *epoch));
-                written.map(|()| self.say(&format!("step {step}: replicas agree; checkpoint written")))
+            Action::Checkpoint { step, adapter, optimizer, digest } => {
+                let written = self.adapter(adapter).and_then(|a| {
+                    let saved = checkpoint::Saved {
+                        step: *step,
+                        adapter_config: a.config.to_json(),
+                        adapter,
+                        optimizer,
+                        digest: *digest,
+                    };
+                    checkpoint::save(self.config, &self.identity, &saved)
+                });
+                written.map(|dir| self.say(&format!("step {step}: replicas agree; {} written", dir.display())))
             }
             Action::Final { step, adapter } => self.write_final(*step, adapter),
             Action::Done => return Some(Ok(())),

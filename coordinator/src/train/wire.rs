@@ -26,6 +26,8 @@ pub struct Wire {
     pub max_new_tokens: u32,
     /// Secret of the ring collective.
     pub ring_key: Hash,
+    /// The resume checkpoint's adapter and optimizer bytes.
+    pub resume: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl Wire {
@@ -60,6 +62,10 @@ impl Wire {
             },
             Command::Verify(step) => ToWorker::Verify { step },
             Command::Fetch => ToWorker::Fetch,
+            Command::Restore(step) => {
+                let (adapter, optimizer) = self.resume.clone().unwrap_or_default();
+                ToWorker::Restore { step, adapter, optimizer }
+            }
             Command::Shutdown(reason) => ToWorker::Shutdown { reason },
         }
     }

@@ -204,7 +204,8 @@ fn strangers_are_refused_get_nothing_and_the_run_goes_on() {
     // QUIC with the right certificate, then: a frame claiming 2 GB, a malformed body, a
     // frame of another protocol version. None of them gets a byte back.
     assert!(quic_garbage(&c.addr, &c.fingerprint, vec![0xff, 0xff, 0xff, 0x7f, 1, 2, 3]).is_empty());
-    assert!(quic_garbage(&c.addr, &c.fingerprint, vec![6, 0, 0, 0, 1, 0, 0xde, 0xad, 0xbe, 0xef]).is_empty());
+    let [v0, v1] = lorafleet_common::protocol::PROTOCOL_VERSION.to_le_bytes();
+    assert!(quic_garbage(&c.addr, &c.fingerprint, vec![6, 0, 0, 0, v0, v1, 0xde, 0xad, 0xbe, 0xef]).is_empty());
     assert!(quic_garbage(&c.addr, &c.fingerprint, vec![3, 0, 0, 0, 99, 0, 0]).is_empty());
 
     let mut workers: Vec<Child> = (0..2)

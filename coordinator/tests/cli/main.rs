@@ -6,6 +6,7 @@ mod distributed;
 mod eval;
 mod generate;
 mod prometheus;
+mod resume;
 mod train;
 
 use std::path::{Path, PathBuf};

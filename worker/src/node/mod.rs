@@ -46,6 +46,11 @@ pub struct Args {
     /// coordinator).
     #[arg(long)]
     pub ring_ip: Option<IpAddr>,
+    /// Exit as soon as standard input closes. A coordinator that starts local workers holds
+    /// their inputs open, so they end with it even when it is killed with SIGKILL (which
+    /// runs no clean-up); otherwise they would wait out the connection's 60 s idle timeout.
+    #[arg(long)]
+    pub exit_with_stdin: bool,
 }
 
 /// Why a worker stopped.
@@ -112,6 +117,9 @@ impl Args {
 /// Runs a worker to the end of its run.
 pub fn run(args: Args) -> Result<(), NodeError> {
     let join = args.join()?;
+    if args.exit_with_stdin {
+        exit_when_stdin_closes();
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -228,6 +236,16 @@ async fn session(args: Args, join: Join) -> Result<(), NodeError> {
         }
     }
     outcome
+}
+
+/// Watches standard input from a thread of its own: end of file (or an error) ends the process.
+fn exit_when_stdin_closes() {
+    let _ = std::thread::Builder::new().name("lifeline".into()).spawn(|| {
+        let mut buf = [0u8; 64];
+        while matches!(std::io::Read::read(&mut std::io::stdin(), &mut buf), Ok(n) if n > 0) {}
+        eprintln!("worker: the coordinator that started this worker is gone; exiting");
+        std::process::exit(3);
+    });
 }
 
 fn unexpected(msg: &ToWorker) -> NodeError {
