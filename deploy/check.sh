@@ -47,9 +47,10 @@ dashboard_path, alerts_path, rules_out = sys.argv[1:4]
 
 # The coordinator's metric contract (deploy/README.md, "Metrics").
 GAUGES = """step total_steps epoch train_loss eval_loss learning_rate grad_norm tokens_per_second
-samples_per_second workers_expected workers_joined workers_alive build_info""".split()
+samples_per_second workers_expected workers_joined workers_alive build_info generation
+recovery_seconds_total""".split()
 COUNTERS = """tokens_total samples_total steps_total checkpoints_written_total nonfinite_total
-skipped_steps_total""".split()
+skipped_steps_total workers_lost_total recoveries_total fenced_messages_total replayed_steps_total""".split()
 WORKER_GAUGES = """worker_tokens_per_second worker_samples_per_second worker_heartbeat_age_seconds worker_up
 worker_resident_memory_bytes worker_device_memory_used_bytes worker_device_memory_peak_bytes
 worker_device_memory_total_bytes""".split()

@@ -137,6 +137,9 @@ pub enum ToWorker {
     Peers(Peers),
     /// Run one optimizer step on these micro-batches.
     Step {
+        /// The run's generation (bumped at every recovery), echoed in the report so that a
+        /// step of an abandoned generation is never counted.
+        generation: u64,
         /// 1-based step.
         step: u64,
         /// Learning rate for this step.
@@ -165,7 +168,18 @@ pub enum ToWorker {
     },
     /// Send the trainable state.
     Fetch,
-    /// Replace the trainable state with a checkpoint's (a resumed run), then report its digest.
+    /// A rank was lost: abandon any collective in progress, take this rank in the re-formed
+    /// group and announce a new ring address (an [`ToCoordinator::Identity`]).
+    Regroup {
+        /// This worker's new rank.
+        rank: u32,
+        /// Ranks.
+        world: u32,
+        /// The new generation.
+        generation: u64,
+    },
+    /// Replace the trainable state with a checkpoint's (a resumed or recovered run; step 0 and
+    /// no bytes: the run's initial state), then report its digest.
     Restore {
         /// The step the state is after.
         step: u64,
@@ -238,6 +252,8 @@ pub struct PhaseSeconds {
 /// One rank's account of a finished step.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StepReport {
+    /// The generation of the step command.
+    pub generation: u64,
     /// The step.
     pub step: u64,
     /// Global mean token loss (identical on every rank).
@@ -340,7 +356,7 @@ mod tests {
     #[test]
     fn messages_round_trip() {
         let batch = Batch::from_rows(&[(vec![1, 2, 3], vec![-100, 2, 3])], vec![7], 0, 1);
-        let msg = ToWorker::Step { step: 3, lr: 1e-4, micro_batches: vec![batch] };
+        let msg = ToWorker::Step { generation: 2, step: 3, lr: 1e-4, micro_batches: vec![batch] };
         assert_eq!(roundtrip(&msg).unwrap(), msg);
     }
 

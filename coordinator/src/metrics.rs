@@ -41,6 +41,14 @@ pub struct Metrics {
     steps_total: IntCounter,
     checkpoints_total: IntCounter,
     nonfinite_total: IntCounter,
+    workers_lost_total: IntCounter,
+    recoveries_total: IntCounter,
+    fenced_total: IntCounter,
+    replayed_steps_total: IntCounter,
+    recovery_seconds_total: Gauge,
+    generation: Gauge,
+    /// When the loss that the next recovery answers happened.
+    lost_at: Mutex<Option<Instant>>,
     worker_tokens_per_second: GaugeVec,
     worker_samples_per_second: GaugeVec,
     heartbeat_age: GaugeVec,
@@ -119,6 +127,33 @@ impl Metrics {
             steps_total: counter(&r, "lorafleet_steps_total", "Optimizer steps finished.")?,
             checkpoints_total: counter(&r, "lorafleet_checkpoints_written_total", "Checkpoints written.")?,
             nonfinite_total: counter(&r, "lorafleet_nonfinite_total", "NaN or infinite losses or gradients met.")?,
+            workers_lost_total: counter(
+                &r,
+                "lorafleet_workers_lost_total",
+                "Workers lost after the start and fenced.",
+            )?,
+            recoveries_total: counter(
+                &r,
+                "lorafleet_recoveries_total",
+                "Times every rank was put back into the last saved state after a loss.",
+            )?,
+            fenced_total: counter(
+                &r,
+                "lorafleet_fenced_messages_total",
+                "Messages of an abandoned generation ignored.",
+            )?,
+            replayed_steps_total: counter(
+                &r,
+                "lorafleet_replayed_steps_total",
+                "Steps trained again after recoveries (done before the loss, after the last checkpoint).",
+            )?,
+            recovery_seconds_total: gauge(
+                &r,
+                "lorafleet_recovery_seconds_total",
+                "Seconds from each loss to the restored state, summed (replayed steps not included).",
+            )?,
+            generation: gauge(&r, "lorafleet_generation", "The run's generation: recoveries so far.")?,
+            lost_at: Mutex::new(None),
             worker_tokens_per_second: per_worker(
                 &r,
                 "lorafleet_worker_tokens_per_second",
@@ -204,7 +239,23 @@ impl Metrics {
                     self.joined(rank, name);
                 }
             }
-            Action::WorkerLost { rank, name } => self.heard(*rank, name, false),
+            Action::WorkerLost { rank, name } => {
+                self.heard(*rank, name, false);
+                self.workers_lost_total.inc();
+                self.lost_at.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(Instant::now);
+            }
+            Action::Recovered { step, generation } => {
+                self.recoveries_total.inc();
+                self.generation.set(*generation as f64);
+                self.replayed_steps_total.inc_by((self.step.get() as u64).saturating_sub(*step));
+                if let Some(t) = self.lost_at.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                    self.recovery_seconds_total.add(t.elapsed().as_secs_f64());
+                }
+            }
+            Action::Fenced(what) => {
+                self.fenced_total.inc();
+                tracing::debug!("fenced: {what}");
+            }
             Action::NonFinite => self.nonfinite_total.inc(),
             Action::Heartbeat { rank: Some(rank), name, resources } => {
                 self.heard(*rank, name, true);
@@ -315,9 +366,13 @@ mod tests {
     fn series_exist_from_the_start_and_follow_the_actions() {
         let m = Metrics::new("r1", 2, 10, Duration::from_secs(60)).unwrap();
         let t = text(&m);
-        for name in
-            ["lorafleet_nonfinite_total", "lorafleet_checkpoints_written_total", "lorafleet_skipped_steps_total"]
-        {
+        for name in [
+            "lorafleet_nonfinite_total",
+            "lorafleet_checkpoints_written_total",
+            "lorafleet_skipped_steps_total",
+            "lorafleet_workers_lost_total",
+            "lorafleet_recoveries_total",
+        ] {
             assert!(
                 t.contains(&format!("# HELP {name} ")) && t.contains(&format!("{name}{{run_id=\"r1\"}} 0")),
                 "{name}"
@@ -328,6 +383,7 @@ mod tests {
         assert!(t.contains(r#"lorafleet_worker_device_memory_used_bytes{rank="1",worker="b",run_id="r1"} 0"#), "{t}");
         assert!(t.contains(r#"lorafleet_workers_alive{run_id="r1"} 2"#));
         let report = |rank: u64| StepReport {
+            generation: 0,
             step: 1,
             loss: 2.5,
             tokens: 100,
@@ -340,6 +396,8 @@ mod tests {
         m.observe(&Action::Stepped { epoch: 0.1, lr: 1e-3, reports }, 2.0);
         m.observe(&Action::NonFinite, 0.0);
         m.observe(&Action::WorkerLost { rank: 1, name: "b".into() }, 0.0);
+        m.observe(&Action::Fenced("StepDone".into()), 0.0);
+        m.observe(&Action::Recovered { step: 0, generation: 1 }, 0.0);
         let t = text(&m);
         for line in [
             r#"lorafleet_tokens_total{run_id="r1"} 81"#,
@@ -350,6 +408,11 @@ mod tests {
             r#"lorafleet_worker_up{rank="1",worker="b",run_id="r1"} 0"#,
             r#"lorafleet_workers_alive{run_id="r1"} 1"#,
             r#"lorafleet_train_loss{run_id="r1"} 2.5"#,
+            r#"lorafleet_workers_lost_total{run_id="r1"} 1"#,
+            r#"lorafleet_fenced_messages_total{run_id="r1"} 1"#,
+            r#"lorafleet_recoveries_total{run_id="r1"} 1"#,
+            r#"lorafleet_replayed_steps_total{run_id="r1"} 1"#,
+            r#"lorafleet_generation{run_id="r1"} 1"#,
         ] {
             assert!(t.contains(line), "missing {line} in\n{t}");
         }

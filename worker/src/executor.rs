@@ -18,6 +18,8 @@ pub struct Executor {
     tokenizer: Tokenizer,
     replica: Replica,
     max_grad_norm: f64,
+    /// The adapter's configuration and seed: the run's initial state, for a restore to step 0.
+    lora: (lorafleet_common::LoraConfig, u64),
 }
 
 impl Executor {
@@ -28,7 +30,8 @@ impl Executor {
         tokenizer: Tokenizer,
         collective: Box<dyn Collective>,
     ) -> Result<Self> {
-        let adapter = LoraAdapter::init(config.lora(), model.config(), config.seed, model.device())?;
+        let lora = (config.lora(), config.seed);
+        let adapter = LoraAdapter::init(lora.0.clone(), model.config(), lora.1, model.device())?;
         let adam = AdamWConfig {
             beta1: config.adam_beta1,
             beta2: config.adam_beta2,
@@ -37,18 +40,24 @@ impl Executor {
         };
         let mut replica = Replica::new(model.clone(), adapter, adam, collective, config.seed)?;
         replica.set_gradient_checkpointing(config.gradient_checkpointing);
-        Ok(Self { model, tokenizer, replica, max_grad_norm: config.max_grad_norm })
+        Ok(Self { model, tokenizer, replica, max_grad_norm: config.max_grad_norm, lora })
+    }
+
+    /// Reduces through another group from now on (the coordinator regrouped the ranks).
+    pub fn set_collective(&mut self, collective: Box<dyn Collective>) {
+        self.replica.set_collective(collective);
     }
 
     /// Runs one command and returns its answer. Set-up messages are refused.
     pub fn execute(&mut self, cmd: ToWorker) -> Result<ToCoordinator> {
         Ok(match cmd {
-            ToWorker::Step { step, lr, micro_batches } => {
+            ToWorker::Step { generation, step, lr, micro_batches } => {
                 let unpacked = std::time::Instant::now();
                 micro_batches.iter().try_for_each(check_batch)?;
                 let data = unpacked.elapsed().as_secs_f64();
                 let (stats, seconds) = self.replica.step(&micro_batches, step, lr, self.max_grad_norm)?;
                 ToCoordinator::StepDone(StepReport {
+                    generation,
                     step,
                     loss: stats.loss,
                     tokens: stats.tokens,
@@ -70,6 +79,12 @@ impl Executor {
                 ToCoordinator::ExactMatchDone { correct: correct as u64, total: pairs.len() as u64 }
             }
             ToWorker::Verify { step } => ToCoordinator::Digest { step, digest: self.replica.digest()? },
+            ToWorker::Restore { step: 0, adapter, optimizer } if adapter.is_empty() && optimizer.is_empty() => {
+                let (config, seed) = self.lora.clone();
+                let fresh = LoraAdapter::init(config, self.model.config(), seed, self.model.device())?;
+                self.replica.reset(fresh)?;
+                ToCoordinator::Restored { step: 0, digest: self.replica.digest()? }
+            }
             ToWorker::Restore { step, adapter, optimizer } => {
                 self.replica.restore(step, &adapter, &optimizer)?;
                 ToCoordinator::Restored { step, digest: self.replica.digest()? }
@@ -94,5 +109,5 @@ fn check_batch(b: &Batch) -> Result<()> {
 
 /// The error for a message that has no place at this point of the protocol.
 pub(crate) fn unexpected(msg: &ToWorker) -> Error {
-    Error::Collective(format!("unexpected command {}", lorafleet_common::protocol::brief(msg, 80)))
+    Error::Invalid(format!("unexpected command {}", lorafleet_common::protocol::brief(msg, 80)))
 }

@@ -119,6 +119,22 @@ impl Replica {
         Ok(h.finalize().into())
     }
 
+    /// Reduces through another group from now on.
+    pub fn set_collective(&mut self, collective: Box<dyn Collective>) {
+        self.collective = collective;
+    }
+
+    /// Back to the run's initial state: `fresh`'s weights (same configuration) and zeroed
+    /// optimizer moments.
+    pub fn reset(&mut self, fresh: LoraAdapter) -> Result<()> {
+        for ((_, var), (_, new)) in self.adapter.named_vars().into_iter().zip(fresh.named_vars()) {
+            var.set(new.as_tensor())?;
+        }
+        let vars: Vec<_> = self.adapter.named_vars().into_iter().map(|(_, v)| v).collect();
+        self.optimizer = AdamW::new(self.optimizer.config().clone(), &vars, self.model.device())?;
+        Ok(())
+    }
+
     /// Replaces the adapter's weights and the optimizer state with a checkpoint's (the bytes
     /// [`Replica::state_bytes`] made), which must hold state after `step`.
     pub fn restore(&mut self, step: u64, adapter: &[u8], optimizer: &[u8]) -> Result<()> {

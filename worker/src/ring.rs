@@ -11,6 +11,7 @@ use candle_core::Tensor;
 use lorafleet_common::protocol::Hash;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Elements reduced per round trip of the ring: bounds the copy buffers, not the maths.
@@ -23,6 +24,28 @@ pub struct Ring {
     rank: usize,
     world: usize,
     links: Option<(TcpStream, TcpStream)>,
+}
+
+/// Breaks a ring's links from another thread: a rank blocked in an all-reduce whose peer is
+/// gone or stopped (SIGSTOP keeps its sockets open) gets an error instead of waiting forever.
+/// The worker's network side holds one and trips it when the coordinator regroups the ranks.
+#[derive(Clone, Default)]
+pub struct RingAbort(Arc<Mutex<Vec<TcpStream>>>);
+
+impl RingAbort {
+    /// Watches `ring`'s links from now on (instead of an earlier ring's).
+    pub fn watch(&self, ring: &Ring) {
+        let clones = ring.links.iter().flat_map(|(a, b)| [a.try_clone(), b.try_clone()]).flatten().collect();
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = clones;
+    }
+
+    /// Shuts the watched links down: reads and writes on them fail at once, here and at
+    /// the peers.
+    pub fn trip(&self) {
+        for s in self.0.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
 }
 
 /// Numbers the ring can carry.
@@ -244,6 +267,20 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_tripped_abort_ends_an_all_reduce_whose_peer_never_comes() {
+        let mut rings = ring_of(2);
+        let abort = RingAbort::default();
+        abort.watch(&rings[0]);
+        let _silent = rings.pop();
+        let mut ring = rings.pop().unwrap();
+        let blocked = std::thread::spawn(move || ring.all_reduce(&mut [1.0f64; 8]));
+        std::thread::sleep(Duration::from_millis(100));
+        abort.trip();
+        let err = blocked.join().unwrap().unwrap_err().to_string();
+        assert!(err.contains("ring"), "{err}");
     }
 
     #[test]

@@ -19,22 +19,20 @@ fn worker_binary() -> Result<PathBuf> {
     Ok(path)
 }
 
-/// Starts `n` workers joining `join` (a join string). On CPU each gets an equal share of the
-/// cores (rayon and gemm threads); with a CUDA device worker i takes GPU i.
-pub fn spawn(n: usize, join: &str, device: &str) -> Result<Vec<Child>> {
+/// Starts local worker `i` of `n` under `name`, joining `join` (a join string). On CPU each
+/// gets an equal share of the cores (rayon and gemm threads); with a CUDA device worker i
+/// takes GPU i. Its standard input is a pipe the caller must keep open for as long as the
+/// worker may live (`worker --exit-with-stdin`).
+pub fn spawn(i: usize, n: usize, name: &str, join: &str, device: &str) -> Result<Child> {
     let bin = worker_binary()?;
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
-    (0..n)
-        .map(|i| {
-            let mut cmd = Command::new(&bin);
-            cmd.arg("--join").arg(join).arg("--name").arg(format!("local-{i}")).kill_on_drop(true);
-            cmd.arg("--exit-with-stdin").stdin(std::process::Stdio::piped());
-            if device.starts_with("cuda") {
-                cmd.arg("--device").arg(format!("cuda:{i}"));
-            } else if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-                cmd.env("RAYON_NUM_THREADS", (cores / n).max(1).to_string());
-            }
-            cmd.spawn().with_context(|| format!("starting {}", bin.display()))
-        })
-        .collect()
+    let mut cmd = Command::new(&bin);
+    cmd.arg("--join").arg(join).arg("--name").arg(name).kill_on_drop(true);
+    cmd.arg("--exit-with-stdin").stdin(std::process::Stdio::piped());
+    if device.starts_with("cuda") {
+        cmd.arg("--device").arg(format!("cuda:{i}"));
+    } else if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        cmd.env("RAYON_NUM_THREADS", (cores / n).max(1).to_string());
+    }
+    cmd.spawn().with_context(|| format!("starting {}", bin.display()))
 }

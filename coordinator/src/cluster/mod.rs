@@ -4,11 +4,12 @@
 //! feeds them to the schedule with the time, sends the commands it emits (with their data,
 //! `train::wire`) and hands everything else to the `Sink`.
 
+mod fleet;
 mod launch;
 mod server;
 pub mod tls;
 
-use crate::schedule::{Action, Schedule};
+use crate::schedule::{Action, Event, Schedule};
 use crate::train::sink::Sink;
 use crate::train::wire::Wire;
 use anyhow::{Context, Result};
@@ -41,6 +42,19 @@ pub struct LaunchFlags {
     /// Seconds without any message (heartbeats come every second) before a worker is lost.
     #[arg(long, default_value_t = 60)]
     pub heartbeat_timeout: u64,
+    /// Seconds to wait for a replacement when a worker is lost after the start (a restarted
+    /// local process, or a new `worker --join`); then every rank goes back to the last
+    /// checkpoint and the run goes on. 0: a lost worker stops the run.
+    #[arg(long = "rejoin_timeout", visible_alias = "rejoin-timeout", default_value_t = 120)]
+    pub rejoin_timeout: u64,
+    /// Seconds a step may take before its ranks are regrouped (a rank alive but stuck); one
+    /// that does not answer the regroup within as long is fenced and replaced. Default: 20
+    /// times the longest step so far, at least 60 (30 minutes for the first step).
+    #[arg(long = "step_timeout", visible_alias = "step-timeout")]
+    pub step_timeout: Option<u64>,
+    /// Local worker processes restarted after they die, over the whole run.
+    #[arg(long = "max_restarts", visible_alias = "max-restarts", default_value_t = 3)]
+    pub max_restarts: usize,
     /// The run's label in metrics and logs (default: random).
     #[arg(long)]
     pub run_id: Option<String>,
@@ -102,21 +116,11 @@ async fn drive(
     let join = format!("lorafleet://{}@{addr}/{}", secrets.token, secrets.fingerprint);
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(server::accept(endpoint.clone(), secrets.clone(), events_tx.clone()));
-    // Local workers' standard inputs: held open for the run; when this process ends, killed
-    // or not, they close and the workers exit (`worker --exit-with-stdin`).
-    let mut lifelines = Vec::new();
+    let mut fleet = None;
     if flags.listen.is_none() {
         sink.say(&format!("starting {} local workers", config.workers));
-        // Each child is watched (and killed with the runtime if the run ends first): a local
-        // worker that dies before joining would otherwise leave the run waiting forever.
-        for (i, mut child) in launch::spawn(config.workers, &join, &config.device)?.into_iter().enumerate() {
-            lifelines.extend(child.stdin.take());
-            let tx = events_tx.clone();
-            tokio::spawn(async move {
-                let status = child.wait().await.map_or_else(|e| e.to_string(), |s| s.to_string());
-                let _ = tx.send(ShellEvent::Exited(i, status));
-            });
-        }
+        let device = config.device.clone();
+        fleet = Some(fleet::Fleet::start(config.workers, join.clone(), device, flags.max_restarts, events_tx.clone())?);
     } else {
         sink.say(&format!(
             "coordinator listening on {addr} (QUIC), certificate fingerprint {}\n\
@@ -128,7 +132,7 @@ async fn drive(
     drop(events_tx);
     let mut conns: HashMap<u64, tokio::sync::mpsc::UnboundedSender<Outgoing>> = HashMap::new();
     let result = loop {
-        if let Some(done) = act(&mut schedule, wire, sink, &conns) {
+        if let Some(done) = act(&mut schedule, wire, sink, &conns, fleet.as_mut()) {
             break done;
         }
         let deadline = schedule.poll_timeout().map(tokio::time::Instant::from_std);
@@ -145,9 +149,19 @@ async fn drive(
             event = events.recv() => match event {
                 Some(ShellEvent::Attached(id, tx)) => { conns.insert(id, tx); }
                 Some(ShellEvent::Schedule(e)) => schedule.handle(e, Instant::now()),
-                Some(ShellEvent::Exited(i, status)) => {
-                    break Err(anyhow::anyhow!("local worker {i} exited ({status}) before the run ended"));
+                Some(ShellEvent::Exited(slot, name, status)) if !schedule.is_over() => {
+                    schedule.handle(Event::Exited { name: name.clone(), status: status.clone() }, Instant::now());
+                    let Some(fleet) = fleet.as_mut() else { continue };
+                    match fleet.exited(slot, &name) {
+                        Ok(Some(new)) => sink.say(&format!("local worker {name} exited ({status}); started {new}")),
+                        Ok(None) => schedule.stop(format!(
+                            "local worker {name} exited ({status}) and the {} restarts of --max_restarts are used up",
+                            flags.max_restarts
+                        )),
+                        Err(e) => schedule.stop(format!("local worker {name} exited ({status}); restarting it: {e:#}")),
+                    }
                 }
+                Some(ShellEvent::Exited(..)) => {}
                 None => break Err(anyhow::anyhow!("the QUIC endpoint stopped")),
             },
             () = sleep => schedule.handle_timeout(Instant::now()),
@@ -166,8 +180,12 @@ fn act(
     wire: &Wire,
     sink: &mut Sink<'_>,
     conns: &HashMap<u64, tokio::sync::mpsc::UnboundedSender<Outgoing>>,
+    mut fleet: Option<&mut fleet::Fleet>,
 ) -> Option<Result<()>> {
     while let Some(action) = schedule.poll_action() {
+        if let (Action::WorkerLost { name, .. }, Some(fleet)) = (&action, fleet.as_deref_mut()) {
+            fleet.kill(name);
+        }
         match action {
             Action::Send(id, cmd) => {
                 if matches!(cmd, crate::schedule::Command::Step { .. }) {

@@ -24,8 +24,8 @@ pub enum ShellEvent {
     Attached(WorkerId, UnboundedSender<Outgoing>),
     /// An event for the schedule.
     Schedule(Event),
-    /// A local worker process exited (index, exit status).
-    Exited(usize, String),
+    /// A local worker process exited (slot, name, exit status).
+    Exited(usize, String, String),
 }
 
 /// What the driver asks a connection task to do.

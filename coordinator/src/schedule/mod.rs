@@ -12,223 +12,24 @@
 //! previous one; nothing is written before every replica reported the same digest.
 
 pub mod lr;
+mod messages;
+mod plan;
+mod recovery;
 #[cfg(test)]
 mod tests;
 
+pub use messages::{Action, Command, Event, Stage};
+pub use plan::{Plan, SavedState};
+
 use lorafleet_common::data::schedule::{epoch_order, spread};
-use lorafleet_common::protocol::{brief, hex, Hash, Identity, Resources, StepReport, ToCoordinator};
+use lorafleet_common::protocol::{brief, hex, Hash, Identity, StepReport, ToCoordinator};
 use std::collections::VecDeque;
 use std::ops::Range;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 
 /// A connection, as the shell numbers them.
 pub type WorkerId = u64;
-
-/// Everything the schedule needs to know about the run, fixed before the first event.
-#[derive(Clone, Debug)]
-pub struct Plan {
-    /// Ranks to wait for.
-    pub world: usize,
-    /// Optimizer steps in the run.
-    pub total_steps: u64,
-    /// Optimizer steps per epoch.
-    pub steps_per_epoch: u64,
-    /// Examples per optimizer step (all ranks together).
-    pub batch_size: usize,
-    /// Rows per micro-batch.
-    pub micro_batch_size: usize,
-    /// Data order seed.
-    pub seed: u64,
-    /// transformers' `group_by_length`.
-    pub group_by_length: bool,
-    /// Token length of each training example (for length grouping).
-    pub train_lengths: Vec<usize>,
-    /// Eval examples (0: no eval loss).
-    pub eval_examples: usize,
-    /// Exact-match pairs (0: no accuracy before/after).
-    pub exact_pairs: usize,
-    /// Evaluate every this many steps (0: only at the end).
-    pub eval_steps: u64,
-    /// Verify and save every this many steps (0: only at the end).
-    pub save_steps: u64,
-    /// Learning-rate schedule name, peak and warm-up.
-    pub lr: (String, f64, usize),
-    /// What every worker must have loaded.
-    pub expected: Option<(Hash, Hash)>,
-    /// A worker that sends nothing (not even a heartbeat) for this long is lost.
-    pub heartbeat_timeout: Duration,
-    /// Continue from a checkpoint instead of step 1.
-    pub resume: Option<ResumePoint>,
-}
-
-/// Where a resumed run picks up: the state after `step`, whose digest the checkpoint recorded.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ResumePoint {
-    /// The checkpoint's step; training continues at `step + 1`.
-    pub step: u64,
-    /// [`ToCoordinator::Digest`] of the state when it was saved: every rank must restore it.
-    pub digest: Hash,
-}
-
-/// What the shell reports.
-#[derive(Debug)]
-pub enum Event {
-    /// A worker passed the handshake (token proved).
-    Joined {
-        /// Its connection.
-        id: WorkerId,
-        /// Its name.
-        name: String,
-    },
-    /// A message from a joined worker.
-    Message {
-        /// Its connection.
-        id: WorkerId,
-        /// The message.
-        msg: ToCoordinator,
-    },
-    /// A joined worker's connection closed.
-    Lost {
-        /// Its connection.
-        id: WorkerId,
-        /// Why.
-        reason: String,
-    },
-}
-
-/// What the schedule asks a rank to do; the shell adds the data (token ids, prompts).
-#[derive(Clone, Debug, PartialEq)]
-pub enum Command {
-    /// You are `rank` of `world`.
-    Welcome {
-        /// Rank.
-        rank: usize,
-        /// Ranks.
-        world: usize,
-    },
-    /// Connect to the other ranks.
-    Peers {
-        /// Ring addresses in rank order.
-        ring: Vec<String>,
-        /// Rank 0's NCCL id.
-        nccl_id: Option<Vec<u8>>,
-    },
-    /// Train on these micro-batches of training-example indices.
-    Step {
-        /// 1-based step.
-        step: u64,
-        /// Learning rate.
-        lr: f64,
-        /// This rank's micro-batches.
-        micro_batches: Vec<Vec<usize>>,
-    },
-    /// Eval loss over these eval examples.
-    Eval(Range<usize>),
-    /// Exact match over these pairs.
-    ExactMatch {
-        /// With the trained adapter.
-        with_adapter: bool,
-        /// Which pairs.
-        pairs: Range<usize>,
-    },
-    /// Report the state digest.
-    Verify(u64),
-    /// Send the trainable state.
-    Fetch,
-    /// Load the resume checkpoint's state (after this step).
-    Restore(u64),
-    /// Exit.
-    Shutdown(String),
-}
-
-/// When in the run an exact-match score was taken.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stage {
-    /// Base model.
-    Before,
-    /// Trained adapter.
-    After,
-}
-
-/// What the shell must do.
-#[derive(Debug)]
-pub enum Action {
-    /// Send a command to a worker.
-    Send(WorkerId, Command),
-    /// Close a connection that has no place in the run (lost before the start).
-    Drop(WorkerId, String),
-    /// A line for the user.
-    Say(String),
-    /// All ranks finished a step.
-    Stepped {
-        /// Epoch as a fraction.
-        epoch: f64,
-        /// Learning rate used.
-        lr: f64,
-        /// (rank, name, report) of every rank, in rank order.
-        reports: Vec<(usize, String, StepReport)>,
-    },
-    /// Who is in the run, in rank order (after every join or departure).
-    Roster(Vec<String>),
-    /// A worker was lost after the start (the run stops next).
-    WorkerLost {
-        /// Its rank.
-        rank: usize,
-        /// Its name.
-        name: String,
-    },
-    /// A rank met a NaN or infinite loss or gradient (the run stops next).
-    NonFinite,
-    /// A worker's heartbeat.
-    Heartbeat {
-        /// Rank (None before the run starts).
-        rank: Option<usize>,
-        /// Name.
-        name: String,
-        /// Its resource use.
-        resources: Resources,
-    },
-    /// Eval loss summed over ranks.
-    Evaluated {
-        /// After this step.
-        step: u64,
-        /// Σ token loss.
-        loss_sum: f64,
-        /// Target tokens.
-        tokens: u64,
-    },
-    /// Exact-match score summed over ranks.
-    Scored {
-        /// Before or after training.
-        stage: Stage,
-        /// Right answers.
-        correct: u64,
-        /// Pairs.
-        total: u64,
-    },
-    /// Write `checkpoint-STEP` (replicas agreed).
-    Checkpoint {
-        /// The step.
-        step: u64,
-        /// Adapter safetensors bytes.
-        adapter: Vec<u8>,
-        /// Optimizer safetensors bytes.
-        optimizer: Vec<u8>,
-        /// The replicas' agreed state digest (a resume checks the restored state against it).
-        digest: Hash,
-    },
-    /// Write the final adapter (replicas agreed).
-    Final {
-        /// Steps trained.
-        step: u64,
-        /// Adapter safetensors bytes.
-        adapter: Vec<u8>,
-    },
-    /// The run is complete; every worker was told to shut down.
-    Done,
-    /// The run stops; every worker was told to shut down.
-    Abort(String),
-}
 
 /// A joined worker.
 #[derive(Debug)]
@@ -236,12 +37,18 @@ struct Member {
     id: WorkerId,
     name: String,
     last_heard: Instant,
+    /// Told its rank and the configuration (later groups reach it by `Regroup`).
+    welcomed: bool,
+    /// Sent a `Regroup` it has not answered yet.
+    regrouping: bool,
 }
 
 /// Where the run stands. `got[rank]` collects one answer per rank.
 #[derive(Debug)]
 enum Phase {
     Gathering,
+    /// A worker was lost at this time; waiting for replacements.
+    Recovering(Instant),
     Identifying(Vec<Option<Identity>>),
     Connecting(Vec<bool>),
     Restoring(u64, Vec<Option<Hash>>),
@@ -262,12 +69,37 @@ pub struct Schedule {
     actions: VecDeque<Action>,
     /// The current epoch's example order.
     order: Option<(u64, Vec<usize>)>,
+    /// Bumped at every loss; steps carry it, so a report of an abandoned step is ignored.
+    generation: u64,
+    /// The newest state every rank can be put back into.
+    last: SavedState,
+    /// Whether the base model's exact match was scored.
+    scored_before: bool,
+    /// The time of the event being handled.
+    now: Instant,
+    /// When the step in flight, or the regroup in progress, was started.
+    started: Instant,
+    /// The longest step so far (the step deadline's measure).
+    slowest_step: Option<std::time::Duration>,
 }
 
 impl Schedule {
     /// A schedule waiting for `plan.world` workers.
     pub fn new(plan: Plan) -> Self {
-        Self { plan, members: Vec::new(), phase: Phase::Gathering, actions: VecDeque::new(), order: None }
+        let last = plan.resume.clone().unwrap_or_else(SavedState::initial);
+        Self {
+            plan,
+            members: Vec::new(),
+            phase: Phase::Gathering,
+            actions: VecDeque::new(),
+            order: None,
+            generation: 0,
+            last,
+            scored_before: false,
+            now: Instant::now(),
+            started: Instant::now(),
+            slowest_step: None,
+        }
     }
 
     /// The next action, if any.
@@ -285,11 +117,39 @@ impl Schedule {
         if self.is_over() {
             return None;
         }
-        self.members.iter().map(|m| m.last_heard + self.plan.heartbeat_timeout).min()
+        let phase_deadline = match self.phase {
+            Phase::Recovering(since) => Some(since + self.plan.rejoin_timeout),
+            Phase::Stepping(..) => Some(self.started + self.step_timeout()),
+            Phase::Identifying(_) if self.members.iter().any(|m| m.regrouping) => {
+                Some(self.started + self.step_timeout())
+            }
+            _ => None,
+        };
+        self.members.iter().map(|m| m.last_heard + self.plan.heartbeat_timeout).chain(phase_deadline).min()
     }
 
-    /// Workers that went silent for too long: dropped before the start, fatal after.
+    /// Workers that went silent for too long: dropped before the start, fenced and replaced
+    /// after it; a replacement that does not come in time stops the run.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = now;
+        if now >= self.started + self.step_timeout() {
+            match &self.phase {
+                Phase::Stepping(step, got) => return self.step_overdue(*step, got.clone()),
+                Phase::Identifying(got) if self.members.iter().any(|m| m.regrouping) => {
+                    return self.regroup_overdue(got.iter().map(Option::is_some).collect())
+                }
+                _ => {}
+            }
+        }
+        if let Phase::Recovering(since) = self.phase {
+            if now.duration_since(since) >= self.plan.rejoin_timeout {
+                let wait = self.plan.rejoin_timeout.as_secs_f64();
+                return self.abort(format!(
+                    "no replacement for the lost worker within {wait:.0} s (--rejoin_timeout); {}",
+                    self.resume_hint()
+                ));
+            }
+        }
         let timeout = self.plan.heartbeat_timeout;
         let silent: Vec<usize> =
             (0..self.members.len()).filter(|&r| now.duration_since(self.members[r].last_heard) >= timeout).collect();
@@ -302,9 +162,10 @@ impl Schedule {
                 self.actions.push_back(Action::Drop(m.id, why));
                 self.roster();
             } else {
-                let name = m.name.clone();
-                self.actions.push_back(Action::WorkerLost { rank: r, name });
-                return self.abort(format!("{why} (rank {r}); the run cannot continue without it"));
+                self.lose(r, format!("{why} (rank {r})"), now);
+                if self.is_over() {
+                    return;
+                }
             }
         }
     }
@@ -314,19 +175,16 @@ impl Schedule {
         if self.is_over() {
             return;
         }
+        self.now = now;
         match event {
             Event::Joined { id, name } => self.joined(id, name, now),
             Event::Lost { id, reason } => {
                 let Some(r) = self.rank_of(id) else { return };
-                if matches!(self.phase, Phase::Gathering) {
-                    let m = self.members.remove(r);
-                    self.actions.push_back(Action::Say(format!("worker {} left before the start: {reason}", m.name)));
-                    self.roster();
-                } else {
-                    let name = self.members[r].name.clone();
-                    self.actions.push_back(Action::WorkerLost { rank: r, name: name.clone() });
-                    self.abort(format!("lost worker {name} (rank {r}): {reason}"));
-                }
+                self.lost(r, reason, now);
+            }
+            Event::Exited { name, status } => {
+                let Some(r) = self.members.iter().position(|m| m.name == name) else { return };
+                self.lost(r, format!("its process exited ({status})"), now);
             }
             Event::Message { id, msg } => {
                 let Some(r) = self.rank_of(id) else { return };
@@ -341,23 +199,21 @@ impl Schedule {
     }
 
     fn joined(&mut self, id: WorkerId, name: String, now: Instant) {
-        if !matches!(self.phase, Phase::Gathering) || self.members.len() >= self.plan.world {
+        let open = matches!(self.phase, Phase::Gathering | Phase::Recovering(_));
+        if !open || self.members.len() >= self.plan.world {
             self.actions.push_back(Action::Drop(id, "the run is full".into()));
             return;
         }
+        let role = if matches!(self.phase, Phase::Recovering(_)) { " as a replacement" } else { "" };
         self.actions.push_back(Action::Say(format!(
-            "worker {name} joined ({} of {})",
+            "worker {name} joined{role} ({} of {})",
             self.members.len() + 1,
             self.plan.world
         )));
-        self.members.push(Member { id, name, last_heard: now });
+        self.members.push(Member { id, name, last_heard: now, welcomed: false, regrouping: false });
         self.roster();
         if self.members.len() == self.plan.world {
-            let world = self.plan.world;
-            for rank in 0..world {
-                self.send(rank, Command::Welcome { rank, world });
-            }
-            self.phase = Phase::Identifying(vec![None; world]);
+            self.regroup();
         }
     }
 
@@ -384,6 +240,25 @@ impl Schedule {
 
     fn message(&mut self, r: usize, msg: ToCoordinator) {
         let name = self.members[r].name.clone();
+        // Answers to commands of an abandoned generation: a step report says its generation;
+        // the other answers can only come before a regroup completes (one stream per worker
+        // keeps them in order).
+        let regrouping = matches!(
+            self.phase,
+            Phase::Recovering(_) | Phase::Identifying(_) | Phase::Connecting(_) | Phase::Restoring(..)
+        );
+        let stale = match &msg {
+            ToCoordinator::StepDone(report) => report.generation != self.generation || regrouping,
+            ToCoordinator::EvalDone { .. }
+            | ToCoordinator::ExactMatchDone { .. }
+            | ToCoordinator::Digest { .. }
+            | ToCoordinator::State { .. } => regrouping && self.generation > 0,
+            _ => false,
+        };
+        if stale {
+            self.actions.push_back(Action::Fenced(format!("{} from worker {name} (rank {r})", brief(&msg, 40))));
+            return;
+        }
         match (&mut self.phase, msg) {
             (_, ToCoordinator::Heartbeat(resources)) => {
                 let rank = (!matches!(self.phase, Phase::Gathering)).then_some(r);
@@ -412,6 +287,7 @@ impl Schedule {
                     }
                 }
                 got[r] = Some(identity);
+                self.members[r].regrouping = false;
                 if got.iter().all(Option::is_some) {
                     let ids: Vec<Identity> = got.iter_mut().filter_map(Option::take).collect();
                     let ring = ids.iter().map(|i| i.ring_addr.clone()).collect::<Vec<_>>();
@@ -419,41 +295,37 @@ impl Schedule {
                     let devices = ids.iter().map(|i| i.device.as_str()).collect::<Vec<_>>().join(", ");
                     self.actions
                         .push_back(Action::Say(format!("all {} workers loaded the model ({devices})", ids.len())));
-                    self.broadcast(|_| Command::Peers { ring: ring.clone(), nccl_id: nccl_id.clone() });
+                    let generation = self.generation;
+                    self.broadcast(|_| Command::Peers { ring: ring.clone(), nccl_id: nccl_id.clone(), generation });
                     self.phase = Phase::Connecting(vec![false; self.plan.world]);
                 }
             }
             (Phase::Connecting(ready), ToCoordinator::Ready) if !ready[r] => {
                 ready[r] = true;
                 if ready.iter().all(|&b| b) {
-                    match self.plan.resume {
-                        Some(at) => {
-                            self.broadcast(|_| Command::Restore(at.step));
-                            self.phase = Phase::Restoring(at.step, vec![None; self.plan.world]);
-                        }
-                        None => self.start_scoring_or(Stage::Before),
+                    if self.generation > 0 || self.plan.resume.is_some() {
+                        let state = self.last.clone();
+                        self.phase = Phase::Restoring(state.step, vec![None; self.plan.world]);
+                        self.broadcast(|_| Command::Restore(state.clone()));
+                    } else {
+                        self.start_scoring_or(Stage::Before);
                     }
                 }
             }
             (Phase::Restoring(step, got), ToCoordinator::Restored { step: s, digest })
                 if got[r].is_none() && s == *step =>
             {
-                let expected = self.plan.resume.map(|at| at.digest).unwrap_or_default();
+                // A checkpoint's digest was recorded; the initial state's must agree across ranks.
+                let expected = self.last.digest.or_else(|| got.iter().flatten().next().copied()).unwrap_or(digest);
                 if digest != expected {
                     let (got, want) = (hex(&digest[..6]), hex(&expected[..6]));
                     return self.abort(format!(
-                        "worker {name} (rank {r}) restored the checkpoint of step {s} as state {got}, \
-                         but it was saved as {want}"
+                        "worker {name} (rank {r}) restored the state of step {s} as {got}, but it was saved as {want}"
                     ));
                 }
                 got[r] = Some(digest);
                 if got.iter().all(Option::is_some) {
-                    self.actions.push_back(Action::Say(format!(
-                        "resumed from step {s}: every rank holds the saved state ({})",
-                        hex(&expected[..6])
-                    )));
-                    // The base model's score was taken before the interruption.
-                    self.start_step(s + 1);
+                    self.restored(s, expected);
                 }
             }
             (Phase::Scoring(stage, got), ToCoordinator::ExactMatchDone { correct, total }) if got[r].is_none() => {
@@ -463,7 +335,10 @@ impl Schedule {
                     let stage = *stage;
                     self.actions.push_back(Action::Scored { stage, correct, total });
                     match stage {
-                        Stage::Before => self.start_step(self.first_step()),
+                        Stage::Before => {
+                            self.scored_before = true;
+                            self.start_step(self.last.step + 1)
+                        }
                         Stage::After => self.finish(),
                     }
                 }
@@ -479,6 +354,8 @@ impl Schedule {
                         .enumerate()
                         .filter_map(|(rank, g)| Some((rank, self.members[rank].name.clone(), g.take()?)))
                         .collect();
+                    let took = self.now.duration_since(self.started);
+                    self.slowest_step = Some(self.slowest_step.map_or(took, |t| t.max(took)));
                     let epoch = step as f64 / self.plan.steps_per_epoch.max(1) as f64;
                     self.actions.push_back(Action::Stepped { epoch, lr: self.lr(step), reports });
                     self.after_step(step);
@@ -514,6 +391,9 @@ impl Schedule {
                     self.actions.push_back(Action::Final { step, adapter });
                     self.start_scoring_or(Stage::After);
                 } else {
+                    let (adapter, optimizer) = (Arc::new(adapter), Arc::new(optimizer));
+                    self.last = SavedState { step, digest: Some(digest), adapter, optimizer };
+                    let (adapter, optimizer) = (self.last.adapter.to_vec(), self.last.optimizer.to_vec());
                     self.actions.push_back(Action::Checkpoint { step, adapter, optimizer, digest });
                     self.start_step(step + 1);
                 }
@@ -526,7 +406,7 @@ impl Schedule {
         let n = self.plan.exact_pairs;
         if n == 0 {
             return match stage {
-                Stage::Before => self.start_step(self.first_step()),
+                Stage::Before => self.start_step(self.last.step + 1),
                 Stage::After => self.finish(),
             };
         }
@@ -539,11 +419,6 @@ impl Schedule {
         self.broadcast(|_| Command::Shutdown("training finished".into()));
         self.actions.push_back(Action::Done);
         self.phase = Phase::Over;
-    }
-
-    /// Step 1, or the one after the resume checkpoint's.
-    fn first_step(&self) -> u64 {
-        self.plan.resume.map_or(1, |at| at.step + 1)
     }
 
     fn lr(&self, step: u64) -> f64 {
@@ -570,9 +445,11 @@ impl Schedule {
     fn start_step(&mut self, step: u64) {
         let lr = self.lr(step);
         let plan = self.assignment(step);
+        let generation = self.generation;
         for (rank, micro_batches) in plan.into_iter().enumerate() {
-            self.send(rank, Command::Step { step, lr, micro_batches });
+            self.send(rank, Command::Step { generation, step, lr, micro_batches });
         }
+        self.started = self.now;
         self.phase = Phase::Stepping(step, vec![None; self.plan.world]);
     }
 

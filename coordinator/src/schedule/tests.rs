@@ -3,8 +3,10 @@
 //! moves when the simulation says so.
 
 use super::*;
+use lorafleet_common::protocol::Resources;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::time::Duration;
 
 const IDENTITY: (Hash, Hash) = ([1; 32], [2; 32]);
 
@@ -26,6 +28,8 @@ fn plan(world: usize) -> Plan {
         expected: Some(IDENTITY),
         heartbeat_timeout: Duration::from_secs(30),
         resume: None,
+        rejoin_timeout: Duration::from_secs(20),
+        step_timeout: None,
     }
 }
 
@@ -40,6 +44,10 @@ struct Behaviour {
     diverges: bool,
     /// Sends a `Ready` in the middle of training.
     rogue: bool,
+    /// Its connection closes at this virtual second (killed); it is silent from then on.
+    lost_at: Option<u64>,
+    /// Its compute hangs in this step: it answers nothing more, but keeps heartbeating.
+    hangs_at_step: Option<u64>,
 }
 
 struct Sim {
@@ -75,8 +83,13 @@ impl Sim {
         self.queue.push(Reverse((when, seq, seq)));
     }
 
-    fn join(&mut self, after: Duration, b: Behaviour) -> WorkerId {
+    fn join(&mut self, after: Duration, mut b: Behaviour) -> WorkerId {
         let id = self.behaviours.len() as WorkerId;
+        if let Some(t) = b.lost_at {
+            let at = Duration::from_secs(t).saturating_sub(self.now - self.start);
+            self.at(at, Event::Lost { id, reason: "connection reset".into() });
+            b.silent_after = Some(t);
+        }
         self.behaviours.push(b);
         self.at(after, Event::Joined { id, name: format!("w{id}") });
         for s in 1..200 {
@@ -95,6 +108,14 @@ impl Sim {
     /// The simulated worker's answer to a command, 100 ms (or 2 s for steps) later.
     fn answer(&mut self, id: WorkerId, cmd: &Command) {
         let b = self.behaviours[id as usize].clone();
+        if let (Command::Step { step, .. }, Some(at)) = (cmd, b.hangs_at_step) {
+            if *step >= at {
+                self.behaviours[id as usize].hangs_at_step = Some(0);
+            }
+        }
+        if self.behaviours[id as usize].hangs_at_step == Some(0) {
+            return;
+        }
         let (delay, msg) = match cmd {
             Command::Welcome { .. } => {
                 let model = if b.other_model { [9; 32] } else { IDENTITY.0 };
@@ -108,11 +129,12 @@ impl Sim {
                 (100, ToCoordinator::Identity(identity))
             }
             Command::Peers { .. } => (100, ToCoordinator::Ready),
-            Command::Step { step, micro_batches, .. } => {
+            Command::Step { generation, step, micro_batches, .. } => {
                 if b.rogue && *step == 2 {
                     self.at(Duration::from_millis(10), Event::Message { id, msg: ToCoordinator::Ready });
                 }
                 let report = StepReport {
+                    generation: *generation,
                     step: *step,
                     loss: 1.0 / *step as f64,
                     tokens: 40,
@@ -133,9 +155,19 @@ impl Sim {
                 (100, ToCoordinator::Digest { step: *step, digest })
             }
             Command::Fetch => (100, ToCoordinator::State { adapter: vec![1, 2], optimizer: vec![3] }),
-            Command::Restore(step) => {
-                let digest = if b.diverges { [id as u8 + 1; 32] } else { [0; 32] };
-                (100, ToCoordinator::Restored { step: *step, digest })
+            Command::Restore(state) => {
+                let digest = if b.diverges { [id as u8 + 1; 32] } else { state.digest.unwrap_or([5; 32]) };
+                (100, ToCoordinator::Restored { step: state.step, digest })
+            }
+            Command::Regroup { .. } => {
+                let identity = Identity {
+                    model: IDENTITY.0,
+                    tokenizer: IDENTITY.1,
+                    device: "cpu".into(),
+                    ring_addr: format!("127.0.0.1:{}", 9100 + id),
+                    nccl_id: None,
+                };
+                (100, ToCoordinator::Identity(identity))
             }
             Command::Shutdown(_) => return,
         };
@@ -276,7 +308,9 @@ fn a_worker_with_another_model_stops_the_run_before_step_one() {
 
 #[test]
 fn a_worker_that_goes_silent_mid_run_stops_it_after_the_timeout() {
-    let mut sim = Sim::new(plan(2));
+    let mut plan = plan(2);
+    plan.rejoin_timeout = Duration::ZERO;
+    let mut sim = Sim::new(plan);
     sim.join(Duration::ZERO, Behaviour::default());
     sim.join(Duration::ZERO, Behaviour { silent_after: Some(4), ..Default::default() });
     sim.run();
@@ -285,7 +319,9 @@ fn a_worker_that_goes_silent_mid_run_stops_it_after_the_timeout() {
     // Last heard at 3 s (heartbeat), aborted exactly 30 s later on the virtual clock.
     assert_eq!(sim.now - sim.start, Duration::from_secs(33));
     assert!(!sim.log.iter().any(|a| matches!(a, Action::Final { .. })));
-    assert!(sim.sent.iter().filter(|(_, c)| matches!(c, Command::Shutdown(_))).count() == 2);
+    // The silent one is dropped (fenced), the other told to shut down.
+    assert!(sim.log.iter().any(|a| matches!(a, Action::Drop(1, _))));
+    assert!(sim.sent.iter().filter(|(_, c)| matches!(c, Command::Shutdown(_))).count() == 1);
 }
 
 #[test]
@@ -353,13 +389,14 @@ fn a_resumed_run_restores_every_rank_then_continues_after_the_checkpoint_with_th
     whole.run();
 
     let mut plan = plan(2);
-    plan.resume = Some(ResumePoint { step: 2, digest: [0; 32] });
+    plan.resume =
+        Some(SavedState { step: 2, digest: Some([0; 32]), adapter: Arc::new(vec![1]), optimizer: Arc::new(vec![2]) });
     let mut sim = Sim::new(plan.clone());
     sim.join(Duration::ZERO, Behaviour::default());
     sim.join(Duration::ZERO, Behaviour::default());
     sim.run();
     assert!(sim.abort_reason().is_none(), "{:?}", sim.abort_reason());
-    let restores = sim.sent.iter().filter(|(_, c)| matches!(c, Command::Restore(2))).count();
+    let restores = sim.sent.iter().filter(|(_, c)| matches!(c, Command::Restore(s) if s.step == 2)).count();
     assert_eq!(restores, 2, "every rank restores");
     // Steps 3..=5, each with the batches the uninterrupted run gave it (epoch 1 included).
     assert_eq!(sent_steps(&sim), sent_steps(&whole)[2..].to_vec());
@@ -377,4 +414,103 @@ fn a_resumed_run_restores_every_rank_then_continues_after_the_checkpoint_with_th
     let reason = sim.abort_reason().expect("aborted");
     assert!(reason.contains("rank 1") && reason.contains("step 2"), "{reason}");
     assert!(!sim.sent.iter().any(|(_, c)| matches!(c, Command::Step { .. })));
+}
+
+/// Step commands sent to the worker now holding `rank` (by connection), per step, in order.
+fn steps_of(sim: &Sim, ids: &[WorkerId]) -> Vec<(u64, u64, Vec<Vec<usize>>)> {
+    sim.sent
+        .iter()
+        .filter_map(|(id, c)| match c {
+            Command::Step { generation, step, micro_batches, .. } if ids.contains(id) => {
+                Some((*generation, *step, micro_batches.clone()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_lost_worker_is_fenced_replaced_and_the_run_replays_from_the_last_checkpoint() {
+    let mut whole = Sim::new(plan(2));
+    whole.join(Duration::ZERO, Behaviour::default());
+    whole.join(Duration::ZERO, Behaviour::default());
+    whole.run();
+
+    let mut sim = Sim::new(plan(2));
+    sim.join(Duration::ZERO, Behaviour::default());
+    sim.join(Duration::ZERO, Behaviour { lost_at: Some(7), ..Default::default() });
+    sim.join(Duration::from_secs(12), Behaviour::default());
+    sim.run();
+    assert!(sim.abort_reason().is_none(), "{:?}", sim.abort_reason());
+    assert!(sim.log.iter().any(|a| matches!(a, Action::WorkerLost { rank: 1, .. })));
+    assert!(sim.log.iter().any(|a| matches!(a, Action::Drop(1, _))));
+    // The survivor is regrouped, the newcomer welcomed; both restore the step-2 checkpoint.
+    assert!(sim
+        .sent
+        .iter()
+        .any(|(id, c)| *id == 0 && matches!(c, Command::Regroup { rank: 0, world: 2, generation: 1 })));
+    assert!(sim.sent.iter().any(|(id, c)| *id == 2 && matches!(c, Command::Welcome { rank: 1, world: 2 })));
+    let restored: Vec<(WorkerId, u64)> = sim
+        .sent
+        .iter()
+        .filter_map(|(id, c)| if let Command::Restore(s) = c { Some((*id, s.step)) } else { None })
+        .collect();
+    assert_eq!(restored, [(0, 2), (2, 2)]);
+    assert!(sim.log.iter().any(|a| matches!(a, Action::Recovered { step: 2, generation: 1 })));
+    // Generation 1 trains steps 3..=5 with exactly the batches the undisturbed run had.
+    let replay: Vec<_> = steps_of(&sim, &[0, 2]).into_iter().filter(|(g, _, _)| *g == 1).collect();
+    let expected: Vec<_> =
+        steps_of(&whole, &[0, 1]).into_iter().filter(|(_, s, _)| *s >= 3).map(|(_, s, b)| (1, s, b)).collect();
+    assert_eq!(replay, expected);
+    // The step of generation 0 the survivor finished after the loss was not counted.
+    assert!(sim.log.iter().any(|a| matches!(a, Action::Fenced(m) if m.contains("StepDone"))), "{:?}", sim.log);
+    let stepped: Vec<u64> = sim
+        .log
+        .iter()
+        .filter_map(|a| if let Action::Stepped { reports, .. } = a { Some(reports[0].2.step) } else { None })
+        .collect();
+    assert_eq!(stepped, [1, 2, 3, 3, 4, 5], "step 3 finished once before the loss... and again after");
+    assert!(sim.log.iter().any(|a| matches!(a, Action::Final { step: 5, .. })));
+    assert!(matches!(sim.log.last(), Some(Action::Done)));
+}
+
+#[test]
+fn no_replacement_within_the_rejoin_timeout_stops_the_run_saying_how_to_resume() {
+    let mut sim = Sim::new(plan(2));
+    sim.join(Duration::ZERO, Behaviour::default());
+    sim.join(Duration::ZERO, Behaviour { lost_at: Some(7), ..Default::default() });
+    sim.run();
+    let reason = sim.abort_reason().expect("aborted");
+    assert!(
+        reason.contains("no replacement") && reason.contains("checkpoint-2") && reason.contains("--resume"),
+        "{reason}"
+    );
+    assert_eq!(sim.now - sim.start, Duration::from_secs(27), "20 s after the loss");
+    // A worker that shows up once the run is over is not let in; one of a running run is.
+    assert!(!sim.log.iter().any(|a| matches!(a, Action::Final { .. })));
+}
+
+#[test]
+fn a_rank_stuck_in_a_step_is_regrouped_then_fenced_and_replaced() {
+    let mut plan = plan(2);
+    plan.step_timeout = Some(Duration::from_secs(30));
+    plan.rejoin_timeout = Duration::from_secs(120);
+    let mut sim = Sim::new(plan);
+    sim.join(Duration::ZERO, Behaviour::default());
+    sim.join(Duration::ZERO, Behaviour { hangs_at_step: Some(3), ..Default::default() });
+    sim.join(Duration::from_secs(100), Behaviour::default());
+    sim.run();
+    assert!(sim.abort_reason().is_none(), "{:?}", sim.abort_reason());
+    let says: Vec<&str> =
+        sim.log.iter().filter_map(|a| if let Action::Say(t) = a { Some(t.as_str()) } else { None }).collect();
+    assert!(
+        says.iter().any(|t| t.contains("step 3 did not finish within 30 s") && t.contains("rank(s) 1;")),
+        "{says:?}"
+    );
+    // Both were asked to regroup; only the stuck one stayed silent and was fenced.
+    assert_eq!(sim.sent.iter().filter(|(_, c)| matches!(c, Command::Regroup { generation: 1, .. })).count(), 2);
+    assert!(says.iter().any(|t| t.contains("worker w1 (rank 1) did not answer the regroup within 30 s")), "{says:?}");
+    assert!(sim.log.iter().any(|a| matches!(a, Action::Drop(1, _))));
+    assert!(sim.log.iter().any(|a| matches!(a, Action::Recovered { step: 2, generation: 2 })));
+    assert!(sim.log.iter().any(|a| matches!(a, Action::Final { step: 5, .. })));
 }

@@ -8,7 +8,7 @@
 //! optimizer moments and the step count are the whole trajectory. A resumed run therefore
 //! replays the same arithmetic and ends with the same bytes as one never interrupted.
 
-use crate::schedule::ResumePoint;
+use crate::schedule::SavedState;
 use anyhow::{bail, Context, Result};
 use lorafleet_common::config::TrainConfig;
 use lorafleet_common::data::Example;
@@ -120,12 +120,8 @@ pub fn save(config: &TrainConfig, identity: &RunIdentity, saved: &Saved<'_>) -> 
 pub struct Resume {
     /// Its folder.
     pub dir: PathBuf,
-    /// Where training picks up.
-    pub point: ResumePoint,
-    /// `adapter_model.safetensors`.
-    pub adapter: Vec<u8>,
-    /// `optimizer.safetensors`.
-    pub optimizer: Vec<u8>,
+    /// The state it holds, where training picks up.
+    pub state: SavedState,
 }
 
 /// Settings that may change between a run and its resume: where files are, how often to log,
@@ -187,12 +183,13 @@ pub fn resume(spec: &str, config: &TrainConfig, identity: &RunIdentity, warn: im
     let digest: Hash = parse_hex(&state.state_digest)
         .with_context(|| format!("{}: field `state_digest` is not a SHA-256", path.display()))?;
     let read = |name: &str| std::fs::read(dir.join(name)).with_context(|| format!("{}", dir.join(name).display()));
-    Ok(Resume {
-        point: ResumePoint { step: state.global_step, digest },
-        adapter: read(lorafleet_common::peft::WEIGHTS_FILE)?,
-        optimizer: read(OPTIMIZER_FILE)?,
-        dir,
-    })
+    let saved = SavedState {
+        step: state.global_step,
+        digest: Some(digest),
+        adapter: read(lorafleet_common::peft::WEIGHTS_FILE)?.into(),
+        optimizer: read(OPTIMIZER_FILE)?.into(),
+    };
+    Ok(Resume { dir, state: saved })
 }
 
 /// Each way the checkpoint's run differs from this one, as `what: checkpoint X, now Y`.

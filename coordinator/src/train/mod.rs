@@ -62,7 +62,7 @@ pub fn run(flags: TrainFlags) -> Result<()> {
     let resume = match &flags.resume_from_checkpoint {
         Some(spec) => {
             let r = checkpoint::resume(spec, &config, &identity, |w| eprintln!("{w}"))?;
-            eprintln!("resuming from {} (step {} of {total})", r.dir.display(), r.point.step);
+            eprintln!("resuming from {} (step {} of {total})", r.dir.display(), r.state.step);
             Some(r)
         }
         None => None,
@@ -83,7 +83,9 @@ pub fn run(flags: TrainFlags) -> Result<()> {
         lr: (config.lr_scheduler.clone(), config.learning_rate, config.warmup_steps),
         expected: distributed.then_some(digests),
         heartbeat_timeout: Duration::from_secs(flags.launch.heartbeat_timeout),
-        resume: resume.as_ref().map(|r| r.point),
+        resume: resume.map(|r| r.state),
+        rejoin_timeout: Duration::from_secs(flags.launch.rejoin_timeout),
+        step_timeout: flags.launch.step_timeout.filter(|&s| s > 0).map(Duration::from_secs),
     };
     eprintln!(
         "training LoRA on {} examples: {total} steps ({per_epoch} per epoch), batch {} = {} worker(s) x {} x {} micro-batches",
@@ -107,14 +109,13 @@ pub fn run(flags: TrainFlags) -> Result<()> {
         micro: config.micro_batch_size,
         max_new_tokens: config.eval_max_new_tokens as u32,
         ring_key: rand::random(),
-        resume: resume.map(|r| (r.adapter, r.optimizer)),
     };
     let launch = &flags.launch;
     let metrics = Arc::new(Metrics::new(&wire.run_id, config.workers, total, plan.heartbeat_timeout)?);
     if let Some(addr) = crate::metrics::serve(&launch.metrics_addr, metrics.clone())? {
         eprintln!("metrics: http://{addr}/metrics (run_id {})", wire.run_id);
     }
-    let resumed = plan.resume.map(|r| r.step);
+    let resumed = plan.resume.as_ref().map(|r| r.step);
     let mut sink = Sink::new(&config, prepared.model, identity, resumed)?.with_metrics(metrics);
     let schedule = Schedule::new(plan);
     let result = if distributed {

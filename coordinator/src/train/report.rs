@@ -18,6 +18,7 @@ pub struct Reporter {
     pub eval_points: Vec<(f64, f64)>,
     /// The exact-match accuracy before training that a resumed run's first attempt logged.
     pub exact_before: Option<f64>,
+    path: std::path::PathBuf,
 }
 
 impl Reporter {
@@ -42,14 +43,28 @@ impl Reporter {
             );
             bar
         });
-        Ok(Self { bar, metrics, train_points: Vec::new(), eval_points: Vec::new(), exact_before: None })
+        Ok(Self {
+            bar,
+            metrics,
+            train_points: Vec::new(),
+            eval_points: Vec::new(),
+            exact_before: None,
+            path: path.to_path_buf(),
+        })
     }
 
-    /// Continues a run resumed after `step`: `metrics.jsonl` keeps the records up to that
-    /// step (those after it belong to the interrupted attempt and are logged again), and the
-    /// plot starts from them.
+    /// Continues a run resumed after `step` (see [`Reporter::rewind`]).
     pub fn resume(output_dir: &Path, total: u64, step: u64) -> Result<Self> {
-        let path = output_dir.join("metrics.jsonl");
+        let mut me = Self::open(&output_dir.join("metrics.jsonl"), total, true)?;
+        me.rewind(step)?;
+        Ok(me)
+    }
+
+    /// Training goes on from the state after `step` (a resume, or a recovery after a lost
+    /// worker): `metrics.jsonl` keeps the records up to that step (the later ones belong to
+    /// an abandoned attempt and will be logged again), and the plot restarts from them.
+    pub fn rewind(&mut self, step: u64) -> Result<()> {
+        let path = self.path.clone();
         let old = match std::fs::read_to_string(&path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
@@ -62,20 +77,23 @@ impl Reporter {
             .collect();
         let text: String = kept.iter().map(|v| format!("{v}\n")).collect();
         lorafleet_common::atomic::write_file(&path, text.as_bytes())?;
-        let mut me = Self::open(&path, total, true)?;
+        self.metrics =
+            std::fs::OpenOptions::new().append(true).open(&path).with_context(|| format!("{}", path.display()))?;
+        self.train_points.clear();
+        self.eval_points.clear();
         for v in &kept {
             let point = (v["step"].as_f64().unwrap_or(0.0), v["loss"].as_f64().or(v["eval_loss"].as_f64()));
             match (v["type"].as_str(), point) {
-                (Some("train"), (s, Some(l))) => me.train_points.push((s, l)),
-                (Some("eval"), (s, Some(l))) => me.eval_points.push((s, l)),
-                (Some("exact_match"), _) if v["stage"] == "before" => me.exact_before = v["accuracy"].as_f64(),
+                (Some("train"), (s, Some(l))) => self.train_points.push((s, l)),
+                (Some("eval"), (s, Some(l))) => self.eval_points.push((s, l)),
+                (Some("exact_match"), _) if v["stage"] == "before" => self.exact_before = v["accuracy"].as_f64(),
                 _ => {}
             }
         }
-        if let Some(bar) = &me.bar {
+        if let Some(bar) = &self.bar {
             bar.set_position(step);
         }
-        Ok(me)
+        Ok(())
     }
 
     /// A line of text above the bar (or on stderr).

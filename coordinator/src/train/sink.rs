@@ -142,6 +142,10 @@ impl<'a> Sink<'a> {
                 written.map(|dir| self.say(&format!("step {step}: replicas agree; {} written", dir.display())))
             }
             Action::Final { step, adapter } => self.write_final(*step, adapter),
+            Action::Recovered { step, .. } => {
+                self.block.clear();
+                self.reporter.rewind(*step)
+            }
             Action::Done => return Some(Ok(())),
             Action::Abort(reason) => {
                 self.reporter.finish();
@@ -157,6 +161,7 @@ impl<'a> Sink<'a> {
             | Action::Heartbeat { .. }
             | Action::Roster(_)
             | Action::WorkerLost { .. }
+            | Action::Fenced(_)
             | Action::NonFinite => Ok(()),
         };
         result.err().map(Err)

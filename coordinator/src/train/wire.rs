@@ -5,6 +5,7 @@ use crate::schedule::Command;
 use lorafleet_common::data::Example;
 use lorafleet_common::protocol::{Hash, Peers, ToWorker};
 use lorafleet_common::Batch;
+use sha2::{Digest, Sha256};
 
 /// The run's data and identity, ready to be cut into commands.
 pub struct Wire {
@@ -24,10 +25,8 @@ pub struct Wire {
     pub micro: usize,
     /// Generation budget for exact match.
     pub max_new_tokens: u32,
-    /// Secret of the ring collective.
+    /// Secret of the ring collective (each generation's ring key is derived from it).
     pub ring_key: Hash,
-    /// The resume checkpoint's adapter and optimizer bytes.
-    pub resume: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl Wire {
@@ -40,8 +39,18 @@ impl Wire {
                 run_id: self.run_id.clone(),
                 config_toml: self.config_toml.clone(),
             },
-            Command::Peers { ring, nccl_id } => ToWorker::Peers(Peers { ring, ring_key: self.ring_key, nccl_id }),
-            Command::Step { step, lr, micro_batches } => ToWorker::Step {
+            Command::Peers { ring, nccl_id, generation } => {
+                // A rank fenced out of an earlier generation cannot join the new ring.
+                let mut h = Sha256::new();
+                h.update(self.ring_key);
+                h.update(generation.to_le_bytes());
+                ToWorker::Peers(Peers { ring, ring_key: h.finalize().into(), nccl_id })
+            }
+            Command::Regroup { rank, world, generation } => {
+                ToWorker::Regroup { rank: rank as u32, world: world as u32, generation }
+            }
+            Command::Step { generation, step, lr, micro_batches } => ToWorker::Step {
+                generation,
                 step,
                 lr,
                 micro_batches: micro_batches
@@ -62,10 +71,11 @@ impl Wire {
             },
             Command::Verify(step) => ToWorker::Verify { step },
             Command::Fetch => ToWorker::Fetch,
-            Command::Restore(step) => {
-                let (adapter, optimizer) = self.resume.clone().unwrap_or_default();
-                ToWorker::Restore { step, adapter, optimizer }
-            }
+            Command::Restore(state) => ToWorker::Restore {
+                step: state.step,
+                adapter: state.adapter.to_vec(),
+                optimizer: state.optimizer.to_vec(),
+            },
             Command::Shutdown(reason) => ToWorker::Shutdown { reason },
         }
     }

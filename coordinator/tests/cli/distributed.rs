@@ -265,7 +265,7 @@ fn keygen_makes_a_certificate_whose_fingerprint_is_stable() {
 }
 
 #[test]
-fn a_local_worker_that_dies_before_joining_stops_the_run() {
+fn a_local_worker_that_keeps_dying_before_joining_stops_the_run_once_its_restarts_are_used_up() {
     let tmp = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_coordinator"))
         .args(demo_run(&tmp.path().join("out"), 2, &["--metrics-addr", "0"]))
@@ -274,5 +274,60 @@ fn a_local_worker_that_dies_before_joining_stops_the_run() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
-    assert!(err.contains("local worker") && err.contains("exited") && err.contains("before the run ended"), "{err}");
+    assert!(err.contains("local worker") && err.contains("exited") && err.contains("started local-"), "{err}");
+    assert!(err.contains("the 3 restarts of --max_restarts are used up"), "{err}");
+}
+
+fn wait_until(what: &str, secs: u64, mut ready: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while !ready() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_remote_worker_stopped_past_the_timeout_is_fenced_replaced_by_a_new_one_and_refused_when_it_wakes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (whole, out) = (tmp.path().join("whole"), tmp.path().join("remote"));
+    let settings = ["--max_steps", "20", "--save_steps", "5", "--batch_size", "24", "--eval_steps", "0"];
+    let mut local = demo_run(&whole, 3, &settings);
+    local.extend(["--metrics-addr".into(), "0".into()]);
+    let r =
+        Command::new(env!("CARGO_BIN_EXE_coordinator")).args(&local).env("RAYON_NUM_THREADS", "1").output().unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+
+    let mut extra = settings.to_vec();
+    extra.extend(["--heartbeat-timeout", "3", "--metrics-addr", "0"]);
+    let c = Listening::start(&out, "3", &extra);
+    let start = |name: &str| {
+        c.worker(&["--join", &c.join, "--name", name])
+            .env("RAYON_NUM_THREADS", "1")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut workers: Vec<Child> = ["w0", "w1", "w2"].iter().map(|n| start(n)).collect();
+    wait_until("checkpoint-5", 300, || out.join("checkpoint-5/manifest.json").exists());
+    let stopped = workers[1].id().to_string();
+    assert!(Command::new("kill").args(["-STOP", &stopped]).status().unwrap().success());
+    wait_until("the stopped worker to be fenced", 60, || c.log().contains("fenced"));
+    let mut spare = start("spare");
+    wait_until("the recovery", 120, || c.log().contains("recovered: every rank holds the state"));
+    assert!(Command::new("kill").args(["-CONT", &stopped]).status().unwrap().success());
+    let (ok, log) = c.wait();
+    assert!(ok, "{log}");
+    // Woken up, the fenced worker finds its connection closed by the coordinator and stops;
+    // nothing it sent after its fence was counted.
+    let woken = workers.remove(1).wait_with_output().unwrap();
+    assert!(!woken.status.success(), "a fenced worker must not finish the run as a member");
+    for w in workers.iter_mut().chain([&mut spare]) {
+        assert!(w.wait().unwrap().success());
+    }
+    assert!(
+        log.contains("worker w1 sent nothing for 3 s") && log.contains("worker spare joined as a replacement"),
+        "{log}"
+    );
+    let file = |d: &Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
+    assert!(file(&out) == file(&whole), "the recovered remote run differs from the undisturbed local one:\n{log}");
 }

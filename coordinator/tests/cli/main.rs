@@ -6,6 +6,7 @@ mod distributed;
 mod eval;
 mod generate;
 mod prometheus;
+mod recovery;
 mod resume;
 mod train;
 

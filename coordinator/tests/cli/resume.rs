@@ -54,12 +54,13 @@ fn adapter(dir: &Path) -> Vec<u8> {
     std::fs::read(dir.join("adapter_model.safetensors")).unwrap()
 }
 
-/// Starts a run and returns it, still running, once `checkpoint-STEP` is complete.
-fn start_until_checkpoint(args: &[String], out: &Path, step: u64) -> std::process::Child {
+/// Starts a run (its stderr to `stderr`) and returns it, still running, once
+/// `checkpoint-STEP` is complete.
+pub fn start_until_checkpoint(args: &[String], out: &Path, step: u64, stderr: Stdio) -> std::process::Child {
     let mut child = Command::new(env!("CARGO_BIN_EXE_coordinator"))
         .args(args)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .expect("running coordinator");
     let manifest = out.join(format!("checkpoint-{step}")).join("manifest.json");
@@ -79,6 +80,17 @@ fn kill(mut child: std::process::Child, out: &Path) {
     assert!(!out.join("adapter_model.safetensors").exists(), "killed before the end of the run");
 }
 
+/// The steps of `metrics.jsonl`'s train records, in file order.
+pub fn logged_steps(out: &Path) -> Vec<u64> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["type"] == "train")
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect()
+}
+
 fn latest_checkpoint(out: &Path) -> u64 {
     lorafleet_common::run_checkpoint::list(out).unwrap().last().expect("a checkpoint").0
 }
@@ -90,7 +102,7 @@ fn a_run_killed_mid_epoch_resumes_to_the_same_bytes_even_past_a_corrupt_checkpoi
     let (ok, log) = run(&args(&whole, &[]));
     assert!(ok, "{log}");
 
-    kill(start_until_checkpoint(&args(&cut, &[]), &cut, 10), &cut);
+    kill(start_until_checkpoint(&args(&cut, &[]), &cut, 10, Stdio::null()), &cut);
     let newest = latest_checkpoint(&cut);
     eprintln!("killed with checkpoint-{newest} the newest");
     // The newest checkpoint gets a flipped bit in the middle of its optimizer state: the
@@ -106,14 +118,7 @@ fn a_run_killed_mid_epoch_resumes_to_the_same_bytes_even_past_a_corrupt_checkpoi
     let from = cut.join(format!("checkpoint-{}", newest - 5));
     assert!(log.contains(&format!("resuming from {}", from.display())), "{log}");
     assert!(adapter(&cut) == adapter(&whole), "resumed after a kill: the adapter differs from the uninterrupted run's");
-    let metrics = std::fs::read_to_string(cut.join("metrics.jsonl")).unwrap();
-    let steps: Vec<u64> = metrics
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v["type"] == "train")
-        .map(|v| v["step"].as_u64().unwrap())
-        .collect();
-    assert_eq!(steps, (1..=6).map(|i| i * 10).collect::<Vec<_>>(), "each step is logged once");
+    assert_eq!(logged_steps(&cut), (1..=6).map(|i| i * 10).collect::<Vec<_>>(), "each step is logged once");
 
     // Step 5 is mid-epoch (23 steps per epoch): resume from it explicitly into another folder.
     let from: PathBuf = cut.join("checkpoint-5");
@@ -151,7 +156,7 @@ fn a_checkpoint_of_another_run_is_refused_naming_the_difference() {
 }
 
 /// Processes whose parent is `pid` (from /proc).
-fn children(pid: u32) -> Vec<u32> {
+pub fn children(pid: u32) -> Vec<u32> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().filter_map(Result::ok) {
         let Ok(child) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
@@ -165,7 +170,7 @@ fn children(pid: u32) -> Vec<u32> {
 }
 
 /// Whether `pid` still runs (a zombie nobody reaped has ended).
-fn running(pid: u32) -> bool {
+pub fn running(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .is_ok_and(|s| !matches!(s[s.rfind(')').map_or(0, |i| i + 2)..].chars().next(), Some('Z' | 'X')))
 }
@@ -182,7 +187,7 @@ fn local_workers_end_with_their_killed_coordinator_and_the_resumed_run_ends_in_t
     let (ok, log) = run(&demo(&whole));
     assert!(ok, "{log}");
 
-    let child = start_until_checkpoint(&demo(&cut), &cut, 10);
+    let child = start_until_checkpoint(&demo(&cut), &cut, 10, Stdio::null());
     let workers = children(child.id());
     kill(child, &cut);
     assert_eq!(workers.len(), 2, "two local worker processes");

@@ -6,7 +6,7 @@ use crate::collective::Collective;
 use crate::error::{Error, Result};
 use crate::executor::Executor;
 use crate::identity::{model_digest, tokenizer_digest};
-use crate::ring::Ring;
+use crate::ring::{Ring, RingAbort};
 use crate::{device, Tokenizer};
 use candle_core::Device;
 use lorafleet_common::config::TrainConfig;
@@ -16,12 +16,14 @@ use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use tokio::sync::mpsc::UnboundedSender;
 
-/// What the coordinator's welcome settled.
+/// What the coordinator's welcome settled (rank and world change when it regroups).
 pub(crate) struct Job {
     pub config: TrainConfig,
     pub rank: usize,
     pub world: usize,
     pub ring_ip: IpAddr,
+    /// Tripped by the network side when the coordinator regroups the ranks.
+    pub abort: RingAbort,
 }
 
 /// Runs until the command channel closes; an error is reported to the coordinator (which
@@ -41,44 +43,76 @@ pub(crate) fn serve(
 }
 
 fn send(out: &UnboundedSender<ToCoordinator>, msg: ToCoordinator) -> Result<()> {
-    out.send(msg).map_err(|_| Error::Collective("the network side has stopped".into()))
+    out.send(msg).map_err(|_| Error::Invalid("the network side has stopped".into()))
 }
 
+/// The model is loaded once; the group (ring or NCCL) is formed at the start and again at
+/// every `Regroup`, after a rank was lost. A failed collective is not this worker's failure:
+/// a peer is gone, the coordinator knows (or will, by its heartbeat) and will regroup.
 fn serve_inner(
-    job: Job,
+    mut job: Job,
     commands: &Receiver<ToWorker>,
     out: &UnboundedSender<ToCoordinator>,
     memory: &Shared,
 ) -> Result<()> {
-    let config = &job.config;
+    let config = job.config.clone();
     let device = device::parse(&config.device)?;
     let model = Arc::new(device::load_model(&config.base_model, &device, config.load_in_8bit, config.int8_group_size)?);
     let tokenizer = Tokenizer::from_dir(&config.base_model, model.config())?;
+    let digests = (model_digest(&config.base_model)?, tokenizer_digest(&config.base_model)?);
+    let Some(collective) = form_group(&device, &job, digests, commands, out)? else { return Ok(()) };
+    let mut executor = Executor::new(&config, model, tokenizer, collective)?;
+    note_memory(&device, memory);
+    send(out, ToCoordinator::Ready)?;
+    for cmd in commands {
+        match cmd {
+            ToWorker::Regroup { rank, world, generation } => {
+                (job.rank, job.world) = (rank as usize, world as usize);
+                eprintln!("worker: regrouping as rank {rank} of {world} (generation {generation})");
+                let Some(collective) = form_group(&device, &job, digests, commands, out)? else { return Ok(()) };
+                executor.set_collective(collective);
+                send(out, ToCoordinator::Ready)?;
+            }
+            cmd => match executor.execute(cmd) {
+                Ok(reply) => {
+                    note_memory(&device, memory);
+                    send(out, reply)?;
+                }
+                Err(Error::Collective(e)) => {
+                    eprintln!("worker: the group broke ({e}); the step is abandoned until the coordinator regroups");
+                }
+                Err(e) => return Err(e),
+            },
+        }
+    }
+    Ok(())
+}
+
+/// Announces this generation's ring address (with the digests), waits for the peers and
+/// connects. `None`: the coordinator is gone.
+fn form_group(
+    device: &Device,
+    job: &Job,
+    (model, tokenizer): (lorafleet_common::protocol::Hash, lorafleet_common::protocol::Hash),
+    commands: &Receiver<ToWorker>,
+    out: &UnboundedSender<ToCoordinator>,
+) -> Result<Option<Box<dyn Collective>>> {
     let listener = Ring::listen(job.ring_ip)?;
     let ring_addr = listener.local_addr().map_err(|e| Error::Collective(format!("ring listener: {e}")))?;
     let identity = Identity {
-        model: model_digest(&config.base_model)?,
-        tokenizer: tokenizer_digest(&config.base_model)?,
-        device: config.device.clone(),
+        model,
+        tokenizer,
+        device: job.config.device.clone(),
         ring_addr: ring_addr.to_string(),
-        nccl_id: nccl_id(&device, job.rank)?,
+        nccl_id: nccl_id(device, job.rank)?,
     };
     send(out, ToCoordinator::Identity(identity))?;
     let peers = match commands.recv() {
         Ok(ToWorker::Peers(p)) => p,
         Ok(other) => return Err(crate::executor::unexpected(&other)),
-        Err(_) => return Ok(()),
+        Err(_) => return Ok(None),
     };
-    let collective = collective(&device, &job, listener, &peers)?;
-    let mut executor = Executor::new(config, model, tokenizer, collective)?;
-    note_memory(&device, memory);
-    send(out, ToCoordinator::Ready)?;
-    for cmd in commands {
-        let reply = executor.execute(cmd)?;
-        note_memory(&device, memory);
-        send(out, reply)?;
-    }
-    Ok(())
+    Ok(Some(collective(device, job, listener, &peers)?))
 }
 
 fn note_memory(device: &Device, memory: &Shared) {
@@ -115,5 +149,7 @@ fn collective(
         return Ok(Box::new(crate::nccl::Nccl::connect(device, job.rank, job.world, id)?));
     }
     let _ = device;
-    Ok(Box::new(Ring::connect(listener, job.rank, job.world, &peers.ring, &peers.ring_key)?))
+    let ring = Ring::connect(listener, job.rank, job.world, &peers.ring, &peers.ring_key)?;
+    job.abort.watch(&ring);
+    Ok(Box::new(ring))
 }

@@ -182,7 +182,8 @@ async fn session(args: Args, join: Join) -> Result<(), NodeError> {
     let (out_tx, mut out_rx) = tokio::sync::mpsc::unbounded_channel::<ToCoordinator>();
     let (cmd_tx, cmd_rx) = std::sync::mpsc::channel::<ToWorker>();
     let device_memory = resources::Shared::default();
-    let job = compute::Job { config, rank: rank as usize, world: world as usize, ring_ip };
+    let abort = crate::ring::RingAbort::default();
+    let job = compute::Job { config, rank: rank as usize, world: world as usize, ring_ip, abort: abort.clone() };
     let compute = std::thread::Builder::new()
         .name("compute".into())
         // candle's autograd walks the graph recursively: give it a deep stack.
@@ -215,6 +216,10 @@ async fn session(args: Args, join: Join) -> Result<(), NodeError> {
                 break Ok(());
             }
             Ok(cmd) => {
+                if matches!(cmd, ToWorker::Regroup { .. }) {
+                    // The compute thread may be blocked in a collective with a lost peer.
+                    abort.trip();
+                }
                 if cmd_tx.send(cmd).is_err() {
                     // The compute thread stopped after reporting its error; wait for the
                     // coordinator's shutdown.

@@ -1,0 +1,87 @@
+//! A lost worker does not end the run: a 3-worker demo run whose workers are killed with
+//! SIGKILL, or stopped with SIGSTOP past the heartbeat timeout, at a random moment, finishes
+//! with an adapter byte-identical to an undisturbed run's.
+
+use super::resume::{children, logged_steps, running, start_until_checkpoint};
+use super::s;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn demo(out: &Path, extra: &[&str]) -> Vec<String> {
+    let a = ["--demo", "--workers", "3", "--batch_size", "24", "--micro_batch_size", "8", "--max_steps", "20"];
+    let b = ["--save_steps", "5", "--eval_steps", "0", "--eval_exact_match", "false", "--output_dir", s(out)];
+    a.iter().chain(&b).chain(extra).map(|x| x.to_string()).collect()
+}
+
+fn adapter(dir: &Path) -> Vec<u8> {
+    std::fs::read(dir.join("adapter_model.safetensors")).unwrap()
+}
+
+/// A seed from the clock, printed so that a failure can be replayed by hand.
+fn random_below(n: u64) -> u64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64;
+    let pick = nanos.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 33;
+    pick % n
+}
+
+/// Runs the disturbed run: `disturb` gets the worker pids once checkpoint-5 exists, then the
+/// run must finish by itself. Returns its stderr.
+fn disturbed(out: &Path, extra: &[&str], disturb: impl FnOnce(&[u32])) -> String {
+    let log_path = out.with_extension("log");
+    let stderr = std::fs::File::create(&log_path).unwrap();
+    let mut child = start_until_checkpoint(&demo(out, extra), out, 5, stderr.into());
+    let workers = children(child.id());
+    assert_eq!(workers.len(), 3, "three local workers");
+    disturb(&workers);
+    let status = child.wait().unwrap();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(status.success(), "the disturbed run failed:\n{log}");
+    log
+}
+
+fn signal(sig: &str, pid: u32) {
+    assert!(Command::new("kill").args([sig, &pid.to_string()]).status().unwrap().success());
+}
+
+#[test]
+fn a_worker_killed_at_a_random_moment_is_replaced_and_the_run_ends_in_the_same_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (whole, cut) = (tmp.path().join("whole"), tmp.path().join("cut"));
+    let out = Command::new(env!("CARGO_BIN_EXE_coordinator")).args(demo(&whole, &[])).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let (victim, delay) = (random_below(3) as usize, random_below(1500));
+    eprintln!("killing worker {victim} {delay} ms after checkpoint-5");
+    let log = disturbed(&cut, &[], |workers| {
+        std::thread::sleep(Duration::from_millis(delay));
+        signal("-KILL", workers[victim]);
+    });
+    assert!(log.contains("exited") && log.contains("started local-"), "{log}");
+    assert!(log.contains("recovered: every rank holds the state after step"), "{log}");
+    assert!(adapter(&cut) == adapter(&whole), "worker {victim} killed after {delay} ms: the adapter differs:\n{log}");
+    // Every step is logged once: the replayed ones replaced their first attempt's records.
+    assert_eq!(logged_steps(&cut), [10, 20]);
+}
+
+#[test]
+fn a_stopped_worker_is_fenced_after_the_heartbeat_timeout_and_the_run_ends_in_the_same_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (whole, cut) = (tmp.path().join("whole"), tmp.path().join("cut"));
+    let out = Command::new(env!("CARGO_BIN_EXE_coordinator")).args(demo(&whole, &[])).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let victim = random_below(3) as usize;
+    eprintln!("stopping worker {victim}");
+    let log = disturbed(&cut, &["--heartbeat-timeout", "3"], |workers| {
+        signal("-STOP", workers[victim]);
+        // Fenced after 3 s of silence: its coordinator kills it (a stopped process too).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while running(workers[victim]) {
+            assert!(Instant::now() < deadline, "the stopped worker was not fenced and killed");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    assert!(log.contains("sent nothing for 3 s") && log.contains("fenced"), "{log}");
+    assert!(adapter(&cut) == adapter(&whole), "worker {victim} stopped: the adapter differs:\n{log}");
+}
