@@ -151,6 +151,11 @@ impl Listening {
         self.log.lock().unwrap().join("\n")
     }
 
+    fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
     fn wait(mut self) -> (bool, String) {
         let status = self.child.wait().unwrap();
         std::thread::sleep(Duration::from_millis(200));
@@ -330,4 +335,55 @@ fn a_remote_worker_stopped_past_the_timeout_is_fenced_replaced_by_a_new_one_and_
     );
     let file = |d: &Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
     assert!(file(&out) == file(&whole), "the recovered remote run differs from the undisturbed local one:\n{log}");
+}
+
+#[test]
+fn a_listening_coordinator_killed_mid_run_resumes_with_remote_workers_joining_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (whole, out, tls) = (tmp.path().join("whole"), tmp.path().join("remote"), tmp.path().join("tls"));
+    let settings = ["--max_steps", "20", "--save_steps", "5", "--eval_steps", "0", "--metrics-addr", "0"];
+    let r = Command::new(env!("CARGO_BIN_EXE_coordinator"))
+        .args(demo_run(&whole, 2, &settings))
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+
+    let mut extra = settings.to_vec();
+    extra.extend(["--tls-dir", s(&tls), "--token", "open-sesame"]);
+    let join = |c: &Listening| -> Vec<Child> {
+        (0..2)
+            .map(|i| {
+                c.worker(&["--join", &c.join, "--name", &format!("w{i}")])
+                    .env("RAYON_NUM_THREADS", "1")
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let first = Listening::start(&out, "2", &extra);
+    let fingerprint = first.fingerprint.clone();
+    let mut workers = join(&first);
+    wait_until("checkpoint-5", 300, || out.join("checkpoint-5/manifest.json").exists());
+    first.kill();
+    // Remote workers notice a lost coordinator only by the connection's idle timeout; their
+    // supervisor (systemd, Kubernetes, Slurm) starts them again with the same command.
+    for w in &mut workers {
+        w.kill().unwrap();
+        w.wait().unwrap();
+    }
+    assert!(!out.join("adapter_model.safetensors").exists());
+
+    extra.push("--resume_from_checkpoint");
+    let second = Listening::start(&out, "2", &extra);
+    assert_eq!(second.fingerprint, fingerprint, "--tls-dir keeps the certificate: the same join works");
+    let mut workers = join(&second);
+    let (ok, log) = second.wait();
+    assert!(ok && log.contains("resumed from step"), "{log}");
+    for w in &mut workers {
+        assert!(w.wait().unwrap().success());
+    }
+    let file = |d: &Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
+    assert!(file(&out) == file(&whole), "resumed with remote workers: the adapter differs:\n{log}");
 }
