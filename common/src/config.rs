@@ -71,6 +71,10 @@ pub struct TrainConfig {
     pub learning_rate: f64,
     /// Longest example in tokens.
     pub cutoff_len: usize,
+    /// What happens to a record longer than `cutoff_len`: `truncate` (alpaca-lora) or `drop`.
+    pub truncation: String,
+    /// Stop at the first unusable record (naming file, line and field) instead of skipping it.
+    pub strict: bool,
     /// Records held out of training for eval loss.
     pub val_set_size: usize,
     /// LoRA rank.
@@ -147,6 +151,8 @@ impl Default for TrainConfig {
             max_steps: None,
             learning_rate: 3e-4,
             cutoff_len: 256,
+            truncation: "truncate".into(),
+            strict: false,
             val_set_size: 2000,
             lora_r: 8,
             lora_alpha: 16.0,
@@ -267,6 +273,9 @@ impl TrainConfig {
         }
         if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
             return bad("learning_rate", format!("{} must be a positive number", self.learning_rate));
+        }
+        if !matches!(self.truncation.as_str(), "truncate" | "drop") {
+            return bad("truncation", format!("{:?}: expected truncate or drop", self.truncation));
         }
         if !matches!(self.lr_scheduler.as_str(), "linear" | "cosine" | "constant") {
             return bad("lr_scheduler", format!("{:?}: expected linear, cosine or constant", self.lr_scheduler));

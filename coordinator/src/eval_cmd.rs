@@ -16,7 +16,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let tokenizer = Tokenizer::from_dir(&args.base, model.config())?;
     let adapter = args.adapter.as_deref().map(|dir| load_adapter(dir, model.config(), &device)).transpose()?;
     let records = read_records(&args.data)?;
-    let options = TokenizeOptions { cutoff_len: args.cutoff_len, train_on_inputs: false };
+    let options = TokenizeOptions { cutoff_len: args.cutoff_len, train_on_inputs: false, drop_long: false };
     let (examples, report) = tokenize_records(&args.data, &records, &template, &tokenizer, &options)?;
     let loss = eval_loss(&model, adapter.as_ref(), &examples, tokenizer.pad_id, args.batch_size)?;
     let exact = if args.exact_match {

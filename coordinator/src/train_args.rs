@@ -93,6 +93,11 @@ train_flags! {
     learning_rate: f64 = "learning_rate" | "learning-rate", plain;
     /// Longest example in tokens.
     cutoff_len: usize = "cutoff_len" | "cutoff-len", plain;
+    /// A record longer than cutoff_len: `truncate` or `drop`.
+    truncation: String = "truncation", plain;
+    /// Stop at the first unusable record instead of skipping it.
+    #[arg(num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    strict: bool = "strict", plain;
     /// Records held out for eval loss.
     val_set_size: usize = "val_set_size" | "val-set-size", plain;
     /// LoRA rank.

@@ -6,6 +6,6 @@ pub mod schedule;
 pub mod template;
 pub mod tokenize;
 
-pub use records::{read_records, Message, Record};
+pub use records::{read_dataset, read_records, Anomaly, Dataset, Message, Record, Skipped};
 pub use template::{ChatFormat, PromptTemplate, Template};
 pub use tokenize::{tokenize_records, Example, TextEncoder, TokenizeOptions, TokenizeReport};

@@ -158,6 +158,7 @@ impl Template {
             (Self::Prompt(_), Record::Chat { .. }) => None,
             (Self::Chat(f), Record::Chat { messages }) => Some(f.segments(messages)),
             (Self::Chat(f), Record::Alpaca { .. }) => Some(f.segments(&alpaca_as_chat(record))),
+            (_, Record::Text { text }) => Some(vec![(text.clone(), true)]),
         }
     }
 
@@ -177,6 +178,7 @@ impl Template {
                 let last = messages.iter().rposition(|m| m.role == "assistant")?;
                 Some((f.generation_prompt(&messages[..last]), messages[last].content.clone()))
             }
+            (_, Record::Text { .. }) => None,
         }
     }
 }

@@ -5,7 +5,8 @@
 //! the whole. We tokenize each piece on its own and concatenate, so the mask is exact:
 //! - the first piece with the tokenizer's special tokens (BOS where it adds one), the rest
 //!   without;
-//! - then EOS for prompt templates (chat formats end turns with their own marker);
+//! - then EOS for prompt templates and plain-text records (chat formats end turns with
+//!   their own marker);
 //! - truncation to `cutoff_len`; a truncated example keeps no EOS (as alpaca-lora);
 //! - labels `-100` on prompt pieces unless `train_on_inputs`.
 
@@ -30,6 +31,8 @@ pub struct TokenizeOptions {
     pub cutoff_len: usize,
     /// Whether prompt tokens count in the loss.
     pub train_on_inputs: bool,
+    /// Drop records longer than `cutoff_len` instead of truncating them.
+    pub drop_long: bool,
 }
 
 /// One tokenized example.
@@ -61,6 +64,8 @@ pub struct TokenizeReport {
     pub truncated: usize,
     /// Records dropped because nothing trainable was left within `cutoff_len`.
     pub dropped: usize,
+    /// Records dropped for their length (`drop_long`), by index.
+    pub too_long: Vec<usize>,
 }
 
 /// Tokenizes every record of `source` (named in errors).
@@ -77,11 +82,12 @@ pub fn tokenize_records(
             format!("cutoff_len {} leaves no room for a target", options.cutoff_len),
         ));
     }
-    let eos = match template {
-        Template::Prompt(_) => {
+    let needs_eos = |r: &Record| matches!(template, Template::Prompt(_)) || matches!(r, Record::Text { .. });
+    let eos = match records.iter().any(needs_eos) {
+        true => {
             Some(encoder.eos_id().ok_or_else(|| FormatError::invalid(source, "the tokenizer defines no eos token"))?)
         }
-        Template::Chat(_) => None,
+        false => None,
     };
     let mut report = TokenizeReport { records: records.len(), ..Default::default() };
     let mut examples = Vec::with_capacity(records.len());
@@ -102,11 +108,15 @@ pub fn tokenize_records(
             labels.extend(piece.iter().map(|&t| if train { i64::from(t) } else { IGNORE_INDEX }));
             ids.extend(piece);
         }
-        if let Some(eos) = eos {
+        if let Some(eos) = eos.filter(|_| needs_eos(record)) {
             ids.push(eos);
             labels.push(i64::from(eos));
         }
         let mut truncated = false;
+        if ids.len() > options.cutoff_len && options.drop_long {
+            report.too_long.push(i);
+            continue;
+        }
         if ids.len() > options.cutoff_len {
             ids.truncate(options.cutoff_len);
             labels.truncate(options.cutoff_len);
@@ -170,7 +180,7 @@ mod tests {
             records,
             &template(),
             &Chars,
-            &TokenizeOptions { cutoff_len: cutoff, train_on_inputs },
+            &TokenizeOptions { cutoff_len: cutoff, train_on_inputs, drop_long: false },
         )
     }
 
@@ -181,7 +191,7 @@ mod tests {
         assert_eq!(ex[0].input_ids, vec![1, 97, 98, 62, 120, 121, 2]);
         assert_eq!(ex[0].labels, vec![-100, -100, -100, -100, 120, 121, 2]);
         assert_eq!(ex[0].target_tokens(), 3);
-        assert_eq!(report, TokenizeReport { records: 1, kept: 1, truncated: 0, dropped: 0 });
+        assert_eq!(report, TokenizeReport { records: 1, kept: 1, truncated: 0, dropped: 0, too_long: vec![] });
         let (ex, _) = run(&[rec("ab", "c", "x")], 16, true).unwrap();
         assert_eq!(ex[0].input_ids, vec![1, 97, 98, 124, 99, 62, 120, 2]);
         assert_eq!(ex[0].labels, vec![1, 97, 98, 124, 99, 62, 120, 2]);
@@ -198,7 +208,19 @@ mod tests {
         // Record 2 (empty output) still learns its EOS.
         assert_eq!(ex[1].record, 2);
         assert_eq!(ex[1].labels, vec![-100, -100, -100, 2]);
-        assert_eq!(report, TokenizeReport { records: 3, kept: 2, truncated: 1, dropped: 1 });
+        assert_eq!(report, TokenizeReport { records: 3, kept: 2, truncated: 1, dropped: 1, too_long: vec![] });
+    }
+
+    #[test]
+    fn text_records_learn_every_token_and_long_records_can_be_dropped() {
+        let records = [Record::Text { text: "hey".into() }, rec("ab", "", "xyz")];
+        let (ex, report) = run(&records, 16, false).unwrap();
+        assert_eq!(ex[0].input_ids, vec![1, 104, 101, 121, 2]);
+        assert_eq!(ex[0].labels, vec![1, 104, 101, 121, 2]);
+        let opts = TokenizeOptions { cutoff_len: 6, train_on_inputs: false, drop_long: true };
+        let (ex, report2) = tokenize_records(Path::new("d.jsonl"), &records, &template(), &Chars, &opts).unwrap();
+        assert_eq!((ex.len(), report2.too_long.clone(), report2.truncated), (1, vec![1], 0));
+        assert_eq!(report.too_long, Vec::<usize>::new());
     }
 
     #[test]

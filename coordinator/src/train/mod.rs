@@ -18,7 +18,9 @@ use crate::train_args::TrainFlags;
 use anyhow::{bail, Context, Result};
 use lorafleet_common::config::TrainConfig;
 use lorafleet_common::data::schedule::{split_validation, steps_per_epoch};
-use lorafleet_common::data::{read_records, tokenize_records, Example, Template, TokenizeOptions};
+use lorafleet_common::data::{
+    read_dataset, read_records, tokenize_records, Anomaly, Dataset, Example, Skipped, Template, TokenizeOptions,
+};
 use lorafleet_common::ModelConfig;
 use lorafleet_worker::Tokenizer;
 use sink::Sink;
@@ -35,6 +37,9 @@ pub struct Prepared {
     train: Vec<Example>,
     eval: Vec<Example>,
     exact_pairs: Vec<(String, String)>,
+    /// What the data held and what was left out, for `metrics.jsonl` and the summary.
+    data_report: serde_json::Value,
+    skipped: Skipped,
 }
 
 pub fn run(flags: TrainFlags) -> Result<()> {
@@ -117,6 +122,10 @@ pub fn run(flags: TrainFlags) -> Result<()> {
     }
     let resumed = plan.resume.as_ref().map(|r| r.step);
     let mut sink = Sink::new(&config, prepared.model, identity, resumed)?.with_metrics(metrics);
+    if resumed.is_none() {
+        sink.record(prepared.data_report)?;
+    }
+    let skipped = prepared.skipped;
     let schedule = Schedule::new(plan);
     let result = if distributed {
         crate::cluster::run(&config, launch, schedule, &wire, &mut sink)
@@ -130,6 +139,9 @@ pub fn run(flags: TrainFlags) -> Result<()> {
     result?;
     let o = sink.outcome();
     summary(&config.output_dir, o.steps, o.train_seconds, o.tokens, o.eval_loss, o.exact.0, o.exact.1);
+    if skipped.total() > 0 {
+        println!("records skipped: {}", skipped.summary());
+    }
     for (rank, (name, bytes)) in &o.peak_rss {
         println!("worker {name} (rank {rank}): peak resident memory {:.0} MiB", *bytes as f64 / (1 << 20) as f64);
     }
@@ -140,13 +152,41 @@ fn prepare(config: &TrainConfig) -> Result<Prepared> {
     let model = ModelConfig::from_dir(&config.base_model)?;
     let tokenizer = Tokenizer::from_dir(&config.base_model, &model)?;
     let template = Template::by_name(&config.prompt_template_name)?;
-    let options = TokenizeOptions { cutoff_len: config.cutoff_len, train_on_inputs: config.train_on_inputs };
-    let records = read_records(&config.data_path)?;
+    let options = TokenizeOptions {
+        cutoff_len: config.cutoff_len,
+        train_on_inputs: config.train_on_inputs,
+        drop_long: config.truncation == "drop",
+    };
+    let Dataset { records, lines, mut skipped } = read_dataset(&config.data_path, config.strict)?;
     let (examples, report) = tokenize_records(&config.data_path, &records, &template, &tokenizer, &options)?;
+    if let (true, Some(&first)) = (config.strict, report.too_long.first()) {
+        bail!(
+            "{}:{}: the record is longer than cutoff_len {} (too_long; --strict, truncation = \"drop\")",
+            config.data_path.display(),
+            lines[first],
+            config.cutoff_len
+        );
+    }
+    for &i in &report.too_long {
+        skipped.add(Anomaly::TooLong, &config.data_path, lines[i]);
+    }
     eprintln!(
-        "data: {} records -> {} examples ({} truncated at cutoff_len {}, {} dropped with nothing to learn)",
-        report.records, report.kept, report.truncated, config.cutoff_len, report.dropped
+        "data: {} records -> {} examples ({} truncated at cutoff_len {}, {} dropped with nothing to learn, {} skipped)",
+        records.len() + skipped.total() - report.too_long.len(),
+        report.kept,
+        report.truncated,
+        config.cutoff_len,
+        report.dropped,
+        skipped.total()
     );
+    if skipped.total() > 0 {
+        eprintln!("data: skipped {}", skipped.summary());
+    }
+    let data_report = serde_json::json!({
+        "type": "data", "path": config.data_path, "records": records.len() + skipped.total() - report.too_long.len(),
+        "examples": report.kept, "truncated": report.truncated, "dropped_no_target": report.dropped,
+        "skipped": skipped.to_json(),
+    });
     if config.val_set_size >= examples.len() {
         bail!("val_set_size {} leaves no training examples out of {}", config.val_set_size, examples.len());
     }
@@ -170,7 +210,7 @@ fn prepare(config: &TrainConfig) -> Result<Prepared> {
     for i in train_idx {
         train.extend(examples[i].take());
     }
-    Ok(Prepared { model, tokenizer, train, eval, exact_pairs })
+    Ok(Prepared { model, tokenizer, train, eval, exact_pairs, data_report, skipped })
 }
 
 fn summary(

@@ -83,6 +83,11 @@ impl<'a> Sink<'a> {
         self
     }
 
+    /// Appends one record to `metrics.jsonl`.
+    pub fn record(&mut self, value: serde_json::Value) -> Result<()> {
+        self.reporter.record(value)
+    }
+
     /// A line for the user.
     pub fn say(&self, text: &str) {
         self.reporter.say(text);

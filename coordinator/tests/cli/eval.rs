@@ -13,7 +13,7 @@ fn by_hand(base: &std::path::Path, adapter: &std::path::Path, data: &std::path::
     let a = load_adapter(adapter, m.config(), &Device::Cpu).unwrap();
     let tok = Tokenizer::from_dir(base, m.config()).unwrap();
     let records = read_records(data).unwrap();
-    let opts = TokenizeOptions { cutoff_len: 256, train_on_inputs: false };
+    let opts = TokenizeOptions { cutoff_len: 256, train_on_inputs: false, drop_long: false };
     let (examples, _) = tokenize_records(data, &records, &Template::by_name("alpaca").unwrap(), &tok, &opts).unwrap();
     let (mut total, mut tokens) = (0.0, 0);
     for e in &examples {

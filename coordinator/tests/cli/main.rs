@@ -1,6 +1,7 @@
 //! The `coordinator` binary as a user runs it, on the fixtures in `tests/fixtures/` and the
 //! embedded demo.
 
+mod data;
 mod demo;
 mod distributed;
 mod eval;

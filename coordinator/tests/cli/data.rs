@@ -1,0 +1,114 @@
+//! Data sets as users have them: ShareGPT and OpenAI chat layouts, plain text, and a file
+//! full of unusable records that still trains, with every kind counted and located.
+
+use super::{coordinator, s, tiny};
+use std::path::Path;
+
+const GOOD: usize = 20;
+
+/// A ShareGPT dump with one record of each anomaly among good ShareGPT, OpenAI and text
+/// records. Returns the file's lines.
+fn write_dump(path: &Path) -> Vec<String> {
+    let turn = |from: &str, value: &str| serde_json::json!({"from": from, "value": value});
+    let conv = |turns: Vec<serde_json::Value>| serde_json::json!({ "conversations": turns }).to_string();
+    let mut lines = vec![
+        conv(vec![turn("system", "Be brief."), turn("human", "Say hi."), turn("gpt", "Hi.")]),
+        conv(vec![turn("gpt", "Hello!"), turn("human", "Hi.")]),
+        conv(vec![]),
+        conv(vec![turn("human", "  "), turn("gpt", "What?")]),
+        conv(vec![turn("human", "Weather?"), turn("tool", "{\"temp\": 3}"), turn("gpt", "Cold.")]),
+        conv(vec![turn("human", "One."), turn("human", "Two."), turn("gpt", "Three.")]),
+        serde_json::json!({"messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]}).to_string(),
+        serde_json::json!({"text": "Plain text is trained on every token."}).to_string(),
+        conv(vec![turn("human", "Anyone there?")]),
+        conv(vec![turn("human", "Write a lot."), turn("gpt", &"very long answer ".repeat(100))]),
+    ];
+    for i in 0..GOOD {
+        let q = format!("What is {i} plus {i}?");
+        let a = format!("{}.", 2 * i);
+        lines.push(conv(vec![turn("human", &q), turn("chatgpt", &a)]));
+    }
+    std::fs::write(path, lines.join("\n") + "\n").unwrap();
+    lines
+}
+
+fn args<'a>(data: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec![
+        "--base_model",
+        s_tiny(),
+        "--data_path",
+        data,
+        "--output_dir",
+        out,
+        "--prompt_template_name",
+        "chatml",
+        "--batch_size",
+        "8",
+        "--micro_batch_size",
+        "4",
+        "--val_set_size",
+        "0",
+        "--max_steps",
+        "3",
+        "--save_steps",
+        "0",
+        "--cutoff_len",
+        "96",
+        "--truncation",
+        "drop",
+        "--metrics-addr",
+        "0",
+    ];
+    a.extend(extra);
+    a
+}
+
+fn s_tiny() -> &'static str {
+    Box::leak(tiny().to_str().unwrap().to_owned().into_boxed_str())
+}
+
+#[test]
+fn a_sharegpt_dump_full_of_anomalies_trains_and_reports_each_kind_with_its_first_locations() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, out) = (tmp.path().join("dump.jsonl"), tmp.path().join("run"));
+    write_dump(&data);
+    let r = coordinator(&args(s(&data), s(&out), &[]));
+    let (stdout, stderr) = (String::from_utf8_lossy(&r.stdout), String::from_utf8_lossy(&r.stderr));
+    assert!(r.status.success(), "{stderr}");
+    let at = |line: usize| format!("{}:{line}", data.display());
+    for (kind, line) in [
+        ("starts_with_assistant", 2),
+        ("empty_conversation", 3),
+        ("empty_turn", 4),
+        ("unknown_role", 5),
+        ("repeated_role", 6),
+        ("no_assistant_turn", 9),
+        ("too_long", 10),
+    ] {
+        let entry = format!("{kind} 1 (first: {})", at(line));
+        assert!(stderr.contains(&entry) && stdout.contains(&entry), "no `{entry}` in\n{stderr}\n{stdout}");
+    }
+    assert!(stderr.contains(&format!("data: 30 records -> {} examples", GOOD + 3)), "{stderr}");
+    assert!(stdout.contains("adapter written to"), "{stdout}");
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let data_line: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    assert_eq!(data_line["type"], "data");
+    assert_eq!(data_line["examples"], GOOD + 3);
+    assert_eq!(data_line["skipped"]["repeated_role"]["count"], 1);
+    assert_eq!(data_line["skipped"]["too_long"]["first"][0], at(10));
+    assert_eq!(data_line["skipped"].as_object().unwrap().len(), 7);
+}
+
+#[test]
+fn strict_stops_at_the_first_unusable_record_naming_file_line_and_field() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, out) = (tmp.path().join("dump.jsonl"), tmp.path().join("run"));
+    write_dump(&data);
+    let r = coordinator(&args(s(&data), s(&out), &["--strict"]));
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success(), "{err}");
+    let expected =
+        format!("{}:2:1: field `conversations[0]`: the conversation starts with the assistant", data.display());
+    assert!(err.contains(&expected) && err.contains("starts_with_assistant; --strict"), "{err}");
+    assert!(!out.join("adapter_model.safetensors").exists());
+}
