@@ -52,6 +52,10 @@ pub struct LaunchFlags {
     /// times the longest step so far, at least 60 (30 minutes for the first step).
     #[arg(long = "step_timeout", visible_alias = "step-timeout")]
     pub step_timeout: Option<u64>,
+    /// When no replacement comes for a lost worker, go on with this many workers or more (the
+    /// same global batch, more accumulation per rank) instead of stopping.
+    #[arg(long = "min_workers", visible_alias = "min-workers")]
+    pub min_workers: Option<usize>,
     /// Local worker processes restarted after they die, over the whole run.
     #[arg(long = "max_restarts", visible_alias = "max-restarts", default_value_t = 3)]
     pub max_restarts: usize,
@@ -154,7 +158,7 @@ async fn drive(
                     let Some(fleet) = fleet.as_mut() else { continue };
                     match fleet.exited(slot, &name) {
                         Ok(Some(new)) => sink.say(&format!("local worker {name} exited ({status}); started {new}")),
-                        Ok(None) => schedule.stop(format!(
+                        Ok(None) => schedule.no_replacement(format!(
                             "local worker {name} exited ({status}) and the {} restarts of --max_restarts are used up",
                             flags.max_restarts
                         )),

@@ -144,9 +144,8 @@ impl Schedule {
         if let Phase::Recovering(since) = self.phase {
             if now.duration_since(since) >= self.plan.rejoin_timeout {
                 let wait = self.plan.rejoin_timeout.as_secs_f64();
-                return self.abort(format!(
-                    "no replacement for the lost worker within {wait:.0} s (--rejoin_timeout); {}",
-                    self.resume_hint()
+                return self.no_replacement(format!(
+                    "no replacement for the lost worker within {wait:.0} s (--rejoin_timeout)"
                 ));
             }
         }

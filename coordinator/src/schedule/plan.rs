@@ -43,6 +43,8 @@ pub struct Plan {
     /// How long to wait for a replacement when a worker is lost after the start (zero: a
     /// lost worker stops the run).
     pub rejoin_timeout: Duration,
+    /// Go on with this many workers or more when no replacement comes (`None`: stop).
+    pub min_workers: Option<usize>,
     /// A step (or a regroup) running longer than this has a stuck rank (`None`: derived from
     /// the measured step time).
     pub step_timeout: Option<Duration>,

@@ -12,6 +12,28 @@ use lorafleet_common::protocol::{hex, Hash};
 use std::time::{Duration, Instant};
 
 impl Schedule {
+    /// No replacement is coming (none joined in time, or the shell has no restarts left):
+    /// with `--min_workers` and enough ranks left, go on with fewer (each rank accumulates
+    /// more micro-batches of the same global batch); otherwise stop.
+    pub fn no_replacement(&mut self, why: String) {
+        if !matches!(self.phase, Phase::Recovering(_)) {
+            return self.stop(why);
+        }
+        let left = self.members.len();
+        match self.plan.min_workers {
+            Some(min) if left >= min.max(1) => {
+                self.actions.push_back(Action::Say(format!(
+                    "{why}: going on with {left} of {} workers (--min_workers {min}); the global batch stays {}, \
+                     so the result equals an undisturbed run's within float rounding, not bit for bit",
+                    self.plan.world, self.plan.batch_size
+                )));
+                self.plan.world = left;
+                self.regroup();
+            }
+            _ => self.stop(why),
+        }
+    }
+
     /// Stops the run (the shell cannot go on, e.g. a local worker died with no restarts left).
     pub fn stop(&mut self, reason: String) {
         if !self.is_over() {

@@ -29,6 +29,7 @@ fn plan(world: usize) -> Plan {
         heartbeat_timeout: Duration::from_secs(30),
         resume: None,
         rejoin_timeout: Duration::from_secs(20),
+        min_workers: None,
         step_timeout: None,
     }
 }
@@ -512,5 +513,26 @@ fn a_rank_stuck_in_a_step_is_regrouped_then_fenced_and_replaced() {
     assert!(says.iter().any(|t| t.contains("worker w1 (rank 1) did not answer the regroup within 30 s")), "{says:?}");
     assert!(sim.log.iter().any(|a| matches!(a, Action::Drop(1, _))));
     assert!(sim.log.iter().any(|a| matches!(a, Action::Recovered { step: 2, generation: 2 })));
+    assert!(sim.log.iter().any(|a| matches!(a, Action::Final { step: 5, .. })));
+}
+
+#[test]
+fn with_min_workers_the_run_goes_on_with_fewer_ranks_and_the_same_global_batch() {
+    let mut plan = plan(2);
+    plan.min_workers = Some(1);
+    let mut sim = Sim::new(plan);
+    sim.join(Duration::ZERO, Behaviour::default());
+    sim.join(Duration::ZERO, Behaviour { lost_at: Some(7), ..Default::default() });
+    sim.run();
+    assert!(sim.abort_reason().is_none(), "{:?}", sim.abort_reason());
+    assert!(sim.sent.iter().any(|(id, c)| *id == 0 && matches!(c, Command::Regroup { rank: 0, world: 1, .. })));
+    // Steps 3..=5 again on one rank: the whole global batch (4, or the 2 left at an epoch's
+    // end) in micro-batches of 1.
+    let replay: Vec<(u64, usize, usize)> = steps_of(&sim, &[0])
+        .into_iter()
+        .filter(|(g, _, _)| *g == 1)
+        .map(|(_, s, b)| (s, b.len(), b.iter().map(Vec::len).sum()))
+        .collect();
+    assert_eq!(replay, [(3, 2, 2), (4, 4, 4), (5, 4, 4)]);
     assert!(sim.log.iter().any(|a| matches!(a, Action::Final { step: 5, .. })));
 }

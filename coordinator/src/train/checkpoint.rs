@@ -142,6 +142,7 @@ const MAY_CHANGE: &[&str] = &[
     "workers",
     "device",
     "gradient_checkpointing",
+    "strict",
 ];
 
 /// Finds the checkpoint `spec` names (`latest`: the newest in `output_dir`), skipping torn or

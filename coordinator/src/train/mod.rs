@@ -90,6 +90,7 @@ pub fn run(flags: TrainFlags) -> Result<()> {
         heartbeat_timeout: Duration::from_secs(flags.launch.heartbeat_timeout),
         resume: resume.map(|r| r.state),
         rejoin_timeout: Duration::from_secs(flags.launch.rejoin_timeout),
+        min_workers: flags.launch.min_workers,
         step_timeout: flags.launch.step_timeout.filter(|&s| s > 0).map(Duration::from_secs),
     };
     eprintln!(

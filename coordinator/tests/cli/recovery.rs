@@ -85,3 +85,34 @@ fn a_stopped_worker_is_fenced_after_the_heartbeat_timeout_and_the_run_ends_in_th
     assert!(log.contains("sent nothing for 3 s") && log.contains("fenced"), "{log}");
     assert!(adapter(&cut) == adapter(&whole), "worker {victim} stopped: the adapter differs:\n{log}");
 }
+
+/// ‖a − b‖ / ‖a‖ over every tensor of two adapter files.
+fn relative_difference(a: &[u8], b: &[u8]) -> f64 {
+    let (a, b) = (safetensors::SafeTensors::deserialize(a).unwrap(), safetensors::SafeTensors::deserialize(b).unwrap());
+    let (mut num, mut den) = (0f64, 0f64);
+    for (name, va) in a.tensors() {
+        let vb = b.tensor(&name).unwrap();
+        for (x, y) in va.data().chunks_exact(4).zip(vb.data().chunks_exact(4)) {
+            let (x, y) = (f32::from_le_bytes(x.try_into().unwrap()), f32::from_le_bytes(y.try_into().unwrap()));
+            num += f64::from(x - y).powi(2);
+            den += f64::from(x).powi(2);
+        }
+    }
+    (num / den).sqrt()
+}
+
+#[test]
+fn with_min_workers_a_run_without_restarts_goes_on_with_two_workers_and_the_same_global_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (whole, cut) = (tmp.path().join("whole"), tmp.path().join("cut"));
+    let out = Command::new(env!("CARGO_BIN_EXE_coordinator")).args(demo(&whole, &[])).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let victim = random_below(3) as usize;
+    let log = disturbed(&cut, &["--max_restarts", "0", "--min_workers", "2"], |workers| {
+        signal("-KILL", workers[victim]);
+    });
+    assert!(log.contains("going on with 2 of 3 workers (--min_workers 2)"), "{log}");
+    let rel = relative_difference(&adapter(&whole), &adapter(&cut));
+    assert!(rel > 0.0 && rel <= 1e-4, "3 workers, then 2 after a loss: relative difference {rel:e}");
+}
