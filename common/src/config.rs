@@ -52,7 +52,7 @@ impl TargetSpec {
 pub struct TrainConfig {
     /// Hugging Face model folder.
     pub base_model: PathBuf,
-    /// Training records (Alpaca JSON/JSONL or chat messages).
+    /// Training records: JSON, JSON Lines or Parquet; Alpaca, OpenAI messages, ShareGPT or text.
     pub data_path: PathBuf,
     /// Where the adapter, checkpoints and metrics go.
     pub output_dir: PathBuf,

@@ -75,7 +75,7 @@ macro_rules! train_flags {
 train_flags! {
     /// Hugging Face model folder.
     base_model: PathBuf = "base_model" | "base-model", plain;
-    /// Training data (Alpaca JSON/JSONL or chat messages).
+    /// Training data: JSON, JSON Lines or Parquet; Alpaca, OpenAI messages, ShareGPT or text.
     data_path: PathBuf = "data_path" | "data-path", plain;
     /// Output folder for the adapter, checkpoints, metrics.jsonl and loss.png.
     output_dir: PathBuf = "output_dir" | "output-dir", plain;

@@ -3,6 +3,7 @@
 
 pub mod records;
 pub mod schedule;
+mod sources;
 pub mod template;
 pub mod tokenize;
 

@@ -1,6 +1,6 @@
 //! Training records as users have them: Alpaca (`instruction`, `input`, `output`), chat
 //! records in the OpenAI (`messages` of `role`/`content`) or ShareGPT (`conversations` of
-//! `from`/`value`) layout, and plain `text`; from a JSON array or JSON Lines.
+//! `from`/`value`) layout, and plain `text`; from a JSON array, JSON Lines or Parquet.
 //!
 //! A record that is well-formed JSON but unusable as a conversation (it starts with the
 //! assistant, has an empty turn, an unknown role, two turns of one role in a row, ...) is an
@@ -137,31 +137,10 @@ pub fn read_records(path: &Path) -> Result<Vec<Record>> {
     Ok(read_dataset(path, false)?.records)
 }
 
-/// Reads `path`: a JSON array (the file starts with `[`) or one JSON object per line. With
-/// `strict`, the first anomaly is an error instead of a skipped record.
+/// Reads `path`: a JSON array, JSON Lines or Parquet (`data::sources`). With `strict`, the
+/// first anomaly is an error instead of a skipped record.
 pub fn read_dataset(path: &Path, strict: bool) -> Result<Dataset> {
-    let text = std::fs::read_to_string(path).map_err(|e| FormatError::io(path, e))?;
-    let mut values = Vec::new();
-    if text.trim_start().starts_with('[') {
-        let all: Vec<Value> = serde_json::from_str(&text).map_err(|e| FormatError::json(path, &e))?;
-        // serde_json does not report where each element starts; find the lines ourselves so
-        // that a record error still points somewhere useful.
-        let lines = element_lines(&text);
-        values.extend(all.into_iter().enumerate().map(|(i, v)| (lines.get(i).copied().unwrap_or(1), v)));
-    } else {
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let v: Value = serde_json::from_str(line).map_err(|e| FormatError::Json {
-                path: path.to_path_buf(),
-                line: i + 1,
-                column: e.column(),
-                msg: e.to_string().split(" at line").next().unwrap_or_default().to_owned(),
-            })?;
-            values.push((i + 1, v));
-        }
-    }
+    let values = super::sources::read_values(path)?;
     let mut data = Dataset::default();
     let total = values.len();
     for (line, v) in values {
@@ -295,44 +274,6 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
-/// The 1-based line on which each top-level element of a JSON array starts.
-fn element_lines(text: &str) -> Vec<usize> {
-    let mut lines = Vec::new();
-    let (mut depth, mut line, mut in_string, mut escaped) = (0usize, 1usize, false, false);
-    let mut expecting = false;
-    for c in text.chars() {
-        if c == '\n' {
-            line += 1;
-        }
-        if in_string {
-            match (escaped, c) {
-                (true, _) => escaped = false,
-                (false, '\\') => escaped = true,
-                (false, '"') => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        if depth == 1 && expecting && !c.is_whitespace() && c != ',' && c != ']' {
-            lines.push(line);
-            expecting = false;
-        }
-        match c {
-            '"' => in_string = true,
-            '[' | '{' => {
-                depth += 1;
-                if depth == 1 {
-                    expecting = true;
-                }
-            }
-            ']' | '}' => depth = depth.saturating_sub(1),
-            ',' if depth == 1 => expecting = true,
-            _ => {}
-        }
-    }
-    lines
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -422,6 +363,21 @@ mod tests {
         assert_eq!(data.records[2], chat(&["user", "assistant"]));
         assert_eq!(data.records[3], Record::Text { text: "just text".into() });
         assert_eq!(data.lines, vec![1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn parquet_copies_read_as_their_json_lines_originals() {
+        let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-llama/data");
+        for (parquet, jsonl) in
+            [("alpaca_sample.parquet", "alpaca_sample.jsonl"), ("sharegpt_sample.parquet", "sharegpt_sample.jsonl")]
+        {
+            let (a, b) =
+                (read_dataset(&data.join(parquet), true).unwrap(), read_dataset(&data.join(jsonl), true).unwrap());
+            assert_eq!(a.records, b.records, "{parquet}");
+            assert_eq!(a.lines, (1..=a.records.len()).collect::<Vec<_>>(), "rows are numbered from 1");
+        }
+        let (_d, p) = write("PAR1 but nothing else", "broken.parquet");
+        assert!(read_dataset(&p, false).unwrap_err().to_string().contains("broken.parquet: Parquet:"));
     }
 
     #[test]

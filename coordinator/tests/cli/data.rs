@@ -112,3 +112,21 @@ fn strict_stops_at_the_first_unusable_record_naming_file_line_and_field() {
     assert!(err.contains(&expected) && err.contains("starts_with_assistant; --strict"), "{err}");
     assert!(!out.join("adapter_model.safetensors").exists());
 }
+
+#[test]
+fn parquet_and_json_lines_copies_of_a_data_set_train_bit_identically() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tiny().join("data");
+    for (stem, template, val) in [("alpaca_sample", "alpaca", "16"), ("sharegpt_sample", "chatml", "0")] {
+        let mut adapters = Vec::new();
+        for ext in ["jsonl", "parquet"] {
+            let (file, out) = (data.join(format!("{stem}.{ext}")), tmp.path().join(format!("{stem}-{ext}")));
+            let mut a = args(s(&file), s(&out), &["--prompt_template_name", template, "--val_set_size", val]);
+            a.extend(["--max_steps", "4", "--truncation", "truncate"]);
+            let r = coordinator(&a);
+            assert!(r.status.success(), "{ext}: {}", String::from_utf8_lossy(&r.stderr));
+            adapters.push(std::fs::read(out.join("adapter_model.safetensors")).unwrap());
+        }
+        assert!(adapters[0] == adapters[1], "{stem}: the Parquet copy trained to other bytes");
+    }
+}
