@@ -9,4 +9,4 @@ pub mod tokenize;
 
 pub use records::{read_dataset, read_records, Anomaly, Dataset, Message, Record, Skipped};
 pub use template::{ChatFormat, PromptTemplate, Template};
-pub use tokenize::{tokenize_records, Example, TextEncoder, TokenizeOptions, TokenizeReport};
+pub use tokenize::{tokenize_records, tokenize_records_with, Example, TextEncoder, TokenizeOptions, TokenizeReport};

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 /// One chat turn.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Message {
     /// `system`, `user` or `assistant`.
     pub role: String,
@@ -23,7 +23,7 @@ pub struct Message {
 }
 
 /// One training or evaluation example as written by the user.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Record {
     /// alpaca-lora's format; `input` is empty when absent.
     Alpaca {
@@ -47,7 +47,7 @@ pub enum Record {
 }
 
 /// Why a record was not used.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub enum Anomaly {
     /// A conversation with no turns.
     EmptyConversation,
@@ -84,7 +84,7 @@ impl Anomaly {
 const FIRST_LOCATIONS: usize = 5;
 
 /// Records skipped, by kind: count and first `file:line` locations.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Skipped(pub BTreeMap<Anomaly, (usize, Vec<String>)>);
 
 impl Skipped {
@@ -121,7 +121,7 @@ impl Skipped {
 }
 
 /// The usable records of a file, the line each starts on, and what was skipped.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Dataset {
     /// The records, in file order.
     pub records: Vec<Record>,

@@ -17,7 +17,7 @@ use crate::error::{FormatError, Result};
 use std::path::Path;
 
 /// What tokenization needs from a tokenizer.
-pub trait TextEncoder {
+pub trait TextEncoder: Sync {
     /// Ids of `text`, with the tokenizer's special tokens (BOS) when `special` is set.
     fn encode(&self, text: &str, special: bool) -> std::result::Result<Vec<u32>, String>;
     /// The id appended after an answer.
@@ -36,7 +36,7 @@ pub struct TokenizeOptions {
 }
 
 /// One tokenized example.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Example {
     /// Index of the record it came from.
     pub record: usize,
@@ -54,7 +54,7 @@ impl Example {
 }
 
 /// What happened to the records.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TokenizeReport {
     /// Records read.
     pub records: usize,
@@ -76,6 +76,27 @@ pub fn tokenize_records(
     encoder: &dyn TextEncoder,
     options: &TokenizeOptions,
 ) -> Result<(Vec<Example>, TokenizeReport)> {
+    tokenize_records_with(source, records, template, encoder, options, &|_| {})
+}
+
+/// What one record became.
+enum Outcome {
+    Kept(Example, bool),
+    TooLong,
+    NothingToLearn,
+}
+
+/// [`tokenize_records`] on every core, calling `progress(n)` as each block of `n` records is
+/// done. The records are cut into contiguous blocks and the results put back in order, so
+/// the examples are the same whatever the number of threads.
+pub fn tokenize_records_with(
+    source: &Path,
+    records: &[Record],
+    template: &Template,
+    encoder: &dyn TextEncoder,
+    options: &TokenizeOptions,
+    progress: &(dyn Fn(usize) + Sync),
+) -> Result<(Vec<Example>, TokenizeReport)> {
     if options.cutoff_len < 2 {
         return Err(FormatError::invalid(
             source,
@@ -89,9 +110,7 @@ pub fn tokenize_records(
         }
         false => None,
     };
-    let mut report = TokenizeReport { records: records.len(), ..Default::default() };
-    let mut examples = Vec::with_capacity(records.len());
-    for (i, record) in records.iter().enumerate() {
+    let one = |i: usize, record: &Record| -> Result<Outcome> {
         let segments = template.segments(record).ok_or_else(|| {
             FormatError::invalid(
                 source,
@@ -112,23 +131,50 @@ pub fn tokenize_records(
             ids.push(eos);
             labels.push(i64::from(eos));
         }
-        let mut truncated = false;
         if ids.len() > options.cutoff_len && options.drop_long {
-            report.too_long.push(i);
-            continue;
+            return Ok(Outcome::TooLong);
         }
-        if ids.len() > options.cutoff_len {
-            ids.truncate(options.cutoff_len);
-            labels.truncate(options.cutoff_len);
-            truncated = true;
-        }
+        let truncated = ids.len() > options.cutoff_len;
+        ids.truncate(options.cutoff_len);
+        labels.truncate(options.cutoff_len);
         let example = Example { record: i, input_ids: ids, labels };
-        if example.target_tokens() == 0 {
-            report.dropped += 1;
-            continue;
+        Ok(match example.target_tokens() {
+            0 => Outcome::NothingToLearn,
+            _ => Outcome::Kept(example, truncated),
+        })
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(records.len().div_ceil(256)).max(1);
+    let block = records.len().div_ceil(threads).max(1);
+    let blocks: Vec<Result<Vec<Outcome>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = records
+            .chunks(block)
+            .enumerate()
+            .map(|(b, chunk)| {
+                scope.spawn(move || {
+                    let mut out = Vec::with_capacity(chunk.len());
+                    for (k, sub) in chunk.chunks(64).enumerate() {
+                        for (j, r) in sub.iter().enumerate() {
+                            out.push(one(b * block + k * 64 + j, r)?);
+                        }
+                        progress(sub.len());
+                    }
+                    Ok(out)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+    });
+    let mut report = TokenizeReport { records: records.len(), ..Default::default() };
+    let mut examples = Vec::with_capacity(records.len());
+    for (i, outcome) in blocks.into_iter().collect::<Result<Vec<_>>>()?.into_iter().flatten().enumerate() {
+        match outcome {
+            Outcome::Kept(example, truncated) => {
+                report.truncated += usize::from(truncated);
+                examples.push(example);
+            }
+            Outcome::TooLong => report.too_long.push(i),
+            Outcome::NothingToLearn => report.dropped += 1,
         }
-        report.truncated += usize::from(truncated);
-        examples.push(example);
     }
     report.kept = examples.len();
     if examples.is_empty() {
@@ -221,6 +267,19 @@ mod tests {
         let (ex, report2) = tokenize_records(Path::new("d.jsonl"), &records, &template(), &Chars, &opts).unwrap();
         assert_eq!((ex.len(), report2.too_long.clone(), report2.truncated), (1, vec![1], 0));
         assert_eq!(report.too_long, Vec::<usize>::new());
+    }
+
+    #[test]
+    fn many_records_split_over_threads_come_back_in_order() {
+        let records: Vec<Record> = (0..1000).map(|i| rec(&format!("q{i}"), "", &"y".repeat(i % 7))).collect();
+        let (all, report) = run(&records, 16, false).unwrap();
+        let one_by_one: Vec<Example> = records
+            .iter()
+            .enumerate()
+            .map(|(i, r)| Example { record: i, ..run(std::slice::from_ref(r), 16, false).unwrap().0.remove(0) })
+            .collect();
+        assert_eq!(all, one_by_one);
+        assert_eq!(report.kept, 1000);
     }
 
     #[test]

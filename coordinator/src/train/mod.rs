@@ -6,6 +6,7 @@
 //! schedule and write through the same `Sink`.
 
 mod checkpoint;
+mod data;
 pub mod local;
 mod plot;
 mod report;
@@ -15,32 +16,13 @@ pub mod wire;
 use crate::metrics::Metrics;
 use crate::schedule::{Plan, Schedule};
 use crate::train_args::TrainFlags;
-use anyhow::{bail, Context, Result};
-use lorafleet_common::config::TrainConfig;
-use lorafleet_common::data::schedule::{split_validation, steps_per_epoch};
-use lorafleet_common::data::{
-    read_dataset, read_records, tokenize_records, Anomaly, Dataset, Example, Skipped, Template, TokenizeOptions,
-};
-use lorafleet_common::ModelConfig;
-use lorafleet_worker::Tokenizer;
+use anyhow::{Context, Result};
+use lorafleet_common::data::schedule::steps_per_epoch;
 use sink::Sink;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use wire::Wire;
-
-/// Everything loaded before the first step: the coordinator reads the model's configuration
-/// and tokenizer, never its weights.
-pub struct Prepared {
-    model: ModelConfig,
-    tokenizer: Tokenizer,
-    train: Vec<Example>,
-    eval: Vec<Example>,
-    exact_pairs: Vec<(String, String)>,
-    /// What the data held and what was left out, for `metrics.jsonl` and the summary.
-    data_report: serde_json::Value,
-    skipped: Skipped,
-}
 
 pub fn run(flags: TrainFlags) -> Result<()> {
     let (config, origin) = flags.resolve()?;
@@ -54,7 +36,7 @@ pub fn run(flags: TrainFlags) -> Result<()> {
     } else if flags.demo {
         eprintln!("training the embedded demo ({}) with the flags given on top", origin.display());
     }
-    let prepared = prepare(&config)?;
+    let prepared = data::prepare(&config)?;
     std::fs::create_dir_all(&config.output_dir).with_context(|| format!("creating {}", config.output_dir.display()))?;
     let distributed = config.workers > 1 || flags.launch.listen.is_some();
     let per_epoch = steps_per_epoch(prepared.train.len(), config.batch_size) as u64;
@@ -147,71 +129,6 @@ pub fn run(flags: TrainFlags) -> Result<()> {
         println!("worker {name} (rank {rank}): peak resident memory {:.0} MiB", *bytes as f64 / (1 << 20) as f64);
     }
     Ok(())
-}
-
-fn prepare(config: &TrainConfig) -> Result<Prepared> {
-    let model = ModelConfig::from_dir(&config.base_model)?;
-    let tokenizer = Tokenizer::from_dir(&config.base_model, &model)?;
-    let template = Template::by_name(&config.prompt_template_name)?;
-    let options = TokenizeOptions {
-        cutoff_len: config.cutoff_len,
-        train_on_inputs: config.train_on_inputs,
-        drop_long: config.truncation == "drop",
-    };
-    let Dataset { records, lines, mut skipped } = read_dataset(&config.data_path, config.strict)?;
-    let (examples, report) = tokenize_records(&config.data_path, &records, &template, &tokenizer, &options)?;
-    if let (true, Some(&first)) = (config.strict, report.too_long.first()) {
-        bail!(
-            "{}:{}: the record is longer than cutoff_len {} (too_long; --strict, truncation = \"drop\")",
-            config.data_path.display(),
-            lines[first],
-            config.cutoff_len
-        );
-    }
-    for &i in &report.too_long {
-        skipped.add(Anomaly::TooLong, &config.data_path, lines[i]);
-    }
-    eprintln!(
-        "data: {} records -> {} examples ({} truncated at cutoff_len {}, {} dropped with nothing to learn, {} skipped)",
-        records.len() + skipped.total() - report.too_long.len(),
-        report.kept,
-        report.truncated,
-        config.cutoff_len,
-        report.dropped,
-        skipped.total()
-    );
-    if skipped.total() > 0 {
-        eprintln!("data: skipped {}", skipped.summary());
-    }
-    let data_report = serde_json::json!({
-        "type": "data", "path": config.data_path, "records": records.len() + skipped.total() - report.too_long.len(),
-        "examples": report.kept, "truncated": report.truncated, "dropped_no_target": report.dropped,
-        "skipped": skipped.to_json(),
-    });
-    if config.val_set_size >= examples.len() {
-        bail!("val_set_size {} leaves no training examples out of {}", config.val_set_size, examples.len());
-    }
-    let (train_idx, val_idx) = split_validation(examples.len(), config.val_set_size, config.seed);
-    // Eval loss covers answer tokens only, whatever train_on_inputs says.
-    let eval_options = TokenizeOptions { train_on_inputs: false, ..options };
-    let eval = if !val_idx.is_empty() {
-        let val_records: Vec<_> = val_idx.iter().map(|&i| records[examples[i].record].clone()).collect();
-        tokenize_records(&config.data_path, &val_records, &template, &tokenizer, &eval_options)?.0
-    } else if let Some(path) = &config.eval_data_path {
-        tokenize_records(path, &read_records(path)?, &template, &tokenizer, &eval_options)?.0
-    } else {
-        Vec::new()
-    };
-    let exact_pairs = match (&config.eval_data_path, config.eval_exact_match) {
-        (Some(path), true) => read_records(path)?.iter().filter_map(|r| template.prompt_and_answer(r)).collect(),
-        _ => Vec::new(),
-    };
-    let mut train: Vec<Example> = Vec::with_capacity(train_idx.len());
-    let mut examples: Vec<Option<Example>> = examples.into_iter().map(Some).collect();
-    for i in train_idx {
-        train.extend(examples[i].take());
-    }
-    Ok(Prepared { model, tokenizer, train, eval, exact_pairs, data_report, skipped })
 }
 
 fn summary(

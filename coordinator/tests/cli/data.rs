@@ -130,3 +130,24 @@ fn parquet_and_json_lines_copies_of_a_data_set_train_bit_identically() {
         assert!(adapters[0] == adapters[1], "{stem}: the Parquet copy trained to other bytes");
     }
 }
+
+#[test]
+fn a_repeated_run_takes_the_tokenized_data_from_the_cache_and_trains_the_same() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, out) = (tmp.path().join("dump.jsonl"), tmp.path().join("run"));
+    write_dump(&data);
+    let first = coordinator(&args(s(&data), s(&out), &[]));
+    let log = String::from_utf8_lossy(&first.stderr).into_owned();
+    assert!(first.status.success() && log.contains("records tokenized in"), "{log}");
+    let adapter = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+    let again = coordinator(&args(s(&data), s(&out), &[]));
+    let log = String::from_utf8_lossy(&again.stderr).into_owned();
+    assert!(again.status.success() && log.contains("tokenized records taken from"), "{log}");
+    // The skipped-record report comes from the cache as well.
+    assert!(log.contains("repeated_role 1 (first: "), "{log}");
+    assert!(std::fs::read(out.join("adapter_model.safetensors")).unwrap() == adapter);
+    // Another cutoff is another tokenization.
+    let other = coordinator(&args(s(&data), s(&out), &["--cutoff_len", "80"]));
+    let log = String::from_utf8_lossy(&other.stderr).into_owned();
+    assert!(other.status.success() && log.contains("records tokenized in"), "{log}");
+}
