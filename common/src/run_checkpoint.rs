@@ -190,8 +190,14 @@ fn durable_write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.sync_all()
 }
 
+/// Makes a folder's entries (a rename) durable. File systems that cannot sync a folder
+/// (some network ones answer EINVAL) are left as they are: their renames are as durable as
+/// they make them.
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    File::open(dir)?.sync_all()
+    match File::open(dir)?.sync_all() {
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::InvalidInput | std::io::ErrorKind::Unsupported) => Ok(()),
+        other => other,
+    }
 }
 
 /// Renames `dir` out of sight (one atomic step), then deletes it: a crash in between leaves a

@@ -60,18 +60,16 @@ fn serve_inner(
     let model = Arc::new(device::load_model(&config.base_model, &device, config.load_in_8bit, config.int8_group_size)?);
     let tokenizer = Tokenizer::from_dir(&config.base_model, model.config())?;
     let digests = (model_digest(&config.base_model)?, tokenizer_digest(&config.base_model)?);
-    let Some(collective) = form_group(&device, &job, digests, commands, out)? else { return Ok(()) };
-    let mut executor = Executor::new(&config, model, tokenizer, collective)?;
+    let Some(formed) = form_group(&device, &job, digests, commands, out)? else { return Ok(()) };
+    let mut executor = Executor::new(&config, model, tokenizer, formed.unwrap_or_else(|| Box::new(Unformed)))?;
     note_memory(&device, memory);
-    send(out, ToCoordinator::Ready)?;
     for cmd in commands {
         match cmd {
             ToWorker::Regroup { rank, world, generation } => {
                 (job.rank, job.world) = (rank as usize, world as usize);
                 eprintln!("worker: regrouping as rank {rank} of {world} (generation {generation})");
-                let Some(collective) = form_group(&device, &job, digests, commands, out)? else { return Ok(()) };
-                executor.set_collective(collective);
-                send(out, ToCoordinator::Ready)?;
+                let Some(formed) = form_group(&device, &job, digests, commands, out)? else { return Ok(()) };
+                executor.set_collective(formed.unwrap_or_else(|| Box::new(Unformed)));
             }
             cmd => match executor.execute(cmd) {
                 Ok(reply) => {
@@ -88,15 +86,16 @@ fn serve_inner(
     Ok(())
 }
 
-/// Announces this generation's ring address (with the digests), waits for the peers and
-/// connects. `None`: the coordinator is gone.
+/// Announces this generation's ring address (with the digests), waits for the peers,
+/// connects and reports `Ready`. `None`: the coordinator is gone; `Some(None)`: a peer did
+/// not come (lost while the group formed), so this worker waits for the next regroup.
 fn form_group(
     device: &Device,
     job: &Job,
     (model, tokenizer): (lorafleet_common::protocol::Hash, lorafleet_common::protocol::Hash),
     commands: &Receiver<ToWorker>,
     out: &UnboundedSender<ToCoordinator>,
-) -> Result<Option<Box<dyn Collective>>> {
+) -> Result<Option<Option<Box<dyn Collective>>>> {
     let listener = Ring::listen(job.ring_ip)?;
     let ring_addr = listener.local_addr().map_err(|e| Error::Collective(format!("ring listener: {e}")))?;
     let identity = Identity {
@@ -112,7 +111,39 @@ fn form_group(
         Ok(other) => return Err(crate::executor::unexpected(&other)),
         Err(_) => return Ok(None),
     };
-    Ok(Some(collective(device, job, listener, &peers)?))
+    match collective(device, job, listener, &peers) {
+        Ok(group) => {
+            send(out, ToCoordinator::Ready)?;
+            Ok(Some(Some(group)))
+        }
+        Err(Error::Collective(e)) => {
+            eprintln!("worker: the group did not form ({e}); waiting for the coordinator to regroup");
+            Ok(Some(None))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The group of a worker whose last regroup failed: every reduction fails (the coordinator
+/// sends a new regroup before any step).
+struct Unformed;
+
+impl Collective for Unformed {
+    fn rank(&self) -> usize {
+        0
+    }
+
+    fn world_size(&self) -> usize {
+        1
+    }
+
+    fn all_reduce_grads(&mut self, _: candle_core::Tensor) -> Result<candle_core::Tensor> {
+        Err(Error::Collective("no group: the last regroup did not complete".into()))
+    }
+
+    fn all_reduce_stats(&mut self, _: &mut [f64]) -> Result<()> {
+        Err(Error::Collective("no group: the last regroup did not complete".into()))
+    }
 }
 
 fn note_memory(device: &Device, memory: &Shared) {
