@@ -99,7 +99,8 @@ pub struct TrainConfig {
     pub train_on_inputs: bool,
     /// Batch examples of similar length together.
     pub group_by_length: bool,
-    /// `alpaca`, `alpaca_legacy`, `chatml`, `llama3`, or a template file.
+    /// `auto` (the model's chat template, else `alpaca`), `tokenizer` (the model's), `alpaca`,
+    /// `alpaca_legacy`, `chatml`, `llama3`, or a template file.
     pub prompt_template_name: String,
     /// Linear warm-up steps from learning rate 0.
     pub warmup_steps: usize,
@@ -297,7 +298,7 @@ impl TrainConfig {
         if self.logging_steps == 0 {
             return bad("logging_steps", "must be at least 1".into());
         }
-        crate::data::Template::by_name(&self.prompt_template_name)
+        crate::data::Template::resolve(&self.prompt_template_name, &self.base_model)
             .map_err(|e| FormatError::field(origin, "prompt_template_name", e.to_string()))?;
         self.lora().validate(origin).map_err(|e| match e {
             FormatError::Field { field, msg, .. } => {

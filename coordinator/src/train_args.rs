@@ -128,7 +128,7 @@ train_flags! {
     /// Batch examples of similar length.
     #[arg(num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
     group_by_length: bool = "group_by_length" | "group-by-length", plain;
-    /// `alpaca`, `alpaca_legacy`, `chatml`, `llama3` or a template file.
+    /// `auto` (the model's chat template, else alpaca), `tokenizer`, `alpaca`, `alpaca_legacy`, `chatml`, `llama3` or a template file.
     prompt_template_name: String = "prompt_template_name" | "prompt-template-name", plain;
     /// Warm-up steps.
     warmup_steps: usize = "warmup_steps" | "warmup-steps", plain;

@@ -73,4 +73,13 @@ impl lorafleet_common::data::TextEncoder for Tokenizer {
     fn eos_id(&self) -> Option<u32> {
         self.eos_ids.first().copied()
     }
+
+    fn encode_offsets(&self, text: &str) -> std::result::Result<Vec<(u32, usize)>, String> {
+        let enc = self.inner.encode(text, false).map_err(|e| self.error(e).to_string())?;
+        Ok(enc.get_ids().iter().copied().zip(enc.get_offsets().iter().map(|o| o.0)).collect())
+    }
+
+    fn is_special(&self, id: u32) -> bool {
+        self.inner.get_added_tokens_decoder().get(&id).is_some_and(|t| t.special)
+    }
 }

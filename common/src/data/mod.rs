@@ -1,6 +1,7 @@
 //! Instruction data: records on disk, prompt templates, tokenization with loss masks, and
 //! the seeded order in which examples become batches.
 
+pub mod chat_template;
 pub mod records;
 pub mod schedule;
 mod sources;

@@ -128,9 +128,27 @@ pub enum Template {
     Prompt(PromptTemplate),
     /// Conversations (and Alpaca records turned into a user turn and an assistant turn).
     Chat(ChatFormat),
+    /// The same through the model's own Jinja chat template (`auto`, `tokenizer`).
+    Jinja(std::sync::Arc<super::chat_template::ChatTemplate>),
 }
 
 impl Template {
+    /// `by_name`, plus `tokenizer` (the chat template of the model folder `model_dir`; an
+    /// error if it has none) and `auto` (that template when there is one, else `alpaca`).
+    pub fn resolve(name: &str, model_dir: &Path) -> Result<Self> {
+        match name {
+            "auto" | "tokenizer" => match super::chat_template::ChatTemplate::from_dir(model_dir)? {
+                Some(t) => Ok(Self::Jinja(std::sync::Arc::new(t))),
+                None if name == "auto" => Self::by_name("alpaca"),
+                None => Err(FormatError::invalid(
+                    &model_dir.join("tokenizer_config.json"),
+                    "prompt_template_name = \"tokenizer\": the model has no chat_template (nor chat_template.jinja)",
+                )),
+            },
+            other => Self::by_name(other),
+        }
+    }
+
     /// `alpaca`, `alpaca_legacy`, `chatml`, `llama3`, or the path of an alpaca-lora template file.
     pub fn by_name(name: &str) -> Result<Self> {
         Ok(match name {
@@ -142,7 +160,7 @@ impl Template {
             other => {
                 return Err(FormatError::invalid(
                     Path::new(other),
-                    "unknown template: expected alpaca, alpaca_legacy, chatml, llama3 or a template .json file",
+                    "unknown template: expected auto, tokenizer, alpaca, alpaca_legacy, chatml, llama3 or a template .json file",
                 ))
             }
         })
@@ -159,6 +177,8 @@ impl Template {
             (Self::Chat(f), Record::Chat { messages }) => Some(f.segments(messages)),
             (Self::Chat(f), Record::Alpaca { .. }) => Some(f.segments(&alpaca_as_chat(record))),
             (_, Record::Text { text }) => Some(vec![(text.clone(), true)]),
+            // Rendered whole, with token offsets: `tokenize`.
+            (Self::Jinja(_), _) => None,
         }
     }
 
@@ -179,12 +199,19 @@ impl Template {
                 Some((f.generation_prompt(&messages[..last]), messages[last].content.clone()))
             }
             (_, Record::Text { .. }) => None,
+            (Self::Jinja(t), Record::Alpaca { output, .. }) => {
+                Some((t.render(&alpaca_as_chat(record)[..1], true).ok()?, output.clone()))
+            }
+            (Self::Jinja(t), Record::Chat { messages }) => {
+                let last = messages.iter().rposition(|m| m.role == "assistant")?;
+                Some((t.render(&messages[..last], true).ok()?, messages[last].content.clone()))
+            }
         }
     }
 }
 
 /// An Alpaca record as a user turn (instruction, a blank line, input) and an assistant turn.
-fn alpaca_as_chat(record: &Record) -> Vec<Message> {
+pub(super) fn alpaca_as_chat(record: &Record) -> Vec<Message> {
     let Record::Alpaca { instruction, input, output } = record else { return Vec::new() };
     let user = if input.is_empty() { instruction.clone() } else { format!("{instruction}\n\n{input}") };
     vec![Message { role: "user".into(), content: user }, Message { role: "assistant".into(), content: output.clone() }]

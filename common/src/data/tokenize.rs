@@ -22,6 +22,38 @@ pub trait TextEncoder: Sync {
     fn encode(&self, text: &str, special: bool) -> std::result::Result<Vec<u32>, String>;
     /// The id appended after an answer.
     fn eos_id(&self) -> Option<u32>;
+    /// Ids of `text` without added special tokens (special tokens written in the text are
+    /// recognised), each with the byte offset where its text starts.
+    fn encode_offsets(&self, text: &str) -> std::result::Result<Vec<(u32, usize)>, String>;
+    /// Whether `id` is a special token (end-of-turn markers are).
+    fn is_special(&self, id: u32) -> bool;
+}
+
+/// A record through a model's Jinja chat template: the whole conversation rendered and
+/// tokenized at once, tokens trained where their text starts inside an assistant turn's text,
+/// and the special token that closes each turn (the first token after it) trained too.
+fn jinja_tokens(
+    t: &super::chat_template::ChatTemplate,
+    record: &Record,
+    encoder: &dyn TextEncoder,
+    train_all: bool,
+) -> std::result::Result<(Vec<u32>, Vec<i64>), String> {
+    let messages = match record {
+        Record::Chat { messages } => messages.clone(),
+        _ => super::template::alpaca_as_chat(record),
+    };
+    let (text, turns) = t.render_with_turns(&messages)?;
+    let tokens = encoder.encode_offsets(&text)?;
+    let mut train: Vec<bool> =
+        tokens.iter().map(|&(_, at)| train_all || turns.iter().any(|r| r.contains(&at))).collect();
+    for turn in &turns {
+        if let Some(k) = tokens.iter().position(|&(_, at)| at >= turn.end) {
+            train[k] |= encoder.is_special(tokens[k].0);
+        }
+    }
+    let ids: Vec<u32> = tokens.iter().map(|&(id, _)| id).collect();
+    let labels = ids.iter().zip(&train).map(|(&id, &t)| if t { i64::from(id) } else { IGNORE_INDEX }).collect();
+    Ok((ids, labels))
 }
 
 /// Tokenization settings.
@@ -86,6 +118,23 @@ enum Outcome {
     NothingToLearn,
 }
 
+impl Outcome {
+    /// A tokenized record against `cutoff_len`: dropped (`drop_long`) or truncated when
+    /// longer, dropped when no target token is left.
+    fn of(mut example: Example, options: &TokenizeOptions) -> Self {
+        if example.input_ids.len() > options.cutoff_len && options.drop_long {
+            return Self::TooLong;
+        }
+        let truncated = example.input_ids.len() > options.cutoff_len;
+        example.input_ids.truncate(options.cutoff_len);
+        example.labels.truncate(options.cutoff_len);
+        match example.target_tokens() {
+            0 => Self::NothingToLearn,
+            _ => Self::Kept(example, truncated),
+        }
+    }
+}
+
 /// [`tokenize_records`] on every core, calling `progress(n)` as each block of `n` records is
 /// done. The records are cut into contiguous blocks and the results put back in order, so
 /// the examples are the same whatever the number of threads.
@@ -111,10 +160,15 @@ pub fn tokenize_records_with(
         false => None,
     };
     let one = |i: usize, record: &Record| -> Result<Outcome> {
+        if let (Template::Jinja(t), false) = (template, matches!(record, Record::Text { .. })) {
+            let (ids, labels) = jinja_tokens(t, record, encoder, options.train_on_inputs)
+                .map_err(|e| FormatError::invalid(source, format!("record {}: {e}", i + 1)))?;
+            return Ok(Outcome::of(Example { record: i, input_ids: ids, labels }, options));
+        }
         let segments = template.segments(record).ok_or_else(|| {
             FormatError::invalid(
                 source,
-                format!("record {} is a chat record; use a chat template (chatml or llama3)", i + 1),
+                format!("record {} is a chat record; use a chat template (auto, chatml or llama3)", i + 1),
             )
         })?;
         let mut ids = Vec::new();
@@ -131,17 +185,7 @@ pub fn tokenize_records_with(
             ids.push(eos);
             labels.push(i64::from(eos));
         }
-        if ids.len() > options.cutoff_len && options.drop_long {
-            return Ok(Outcome::TooLong);
-        }
-        let truncated = ids.len() > options.cutoff_len;
-        ids.truncate(options.cutoff_len);
-        labels.truncate(options.cutoff_len);
-        let example = Example { record: i, input_ids: ids, labels };
-        Ok(match example.target_tokens() {
-            0 => Outcome::NothingToLearn,
-            _ => Outcome::Kept(example, truncated),
-        })
+        Ok(Outcome::of(Example { record: i, input_ids: ids, labels }, options))
     };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(records.len().div_ceil(256)).max(1);
     let block = records.len().div_ceil(threads).max(1);
@@ -205,6 +249,12 @@ mod tests {
         }
         fn eos_id(&self) -> Option<u32> {
             Some(2)
+        }
+        fn encode_offsets(&self, text: &str) -> std::result::Result<Vec<(u32, usize)>, String> {
+            Ok(text.char_indices().map(|(at, c)| (c as u32, at)).collect())
+        }
+        fn is_special(&self, _: u32) -> bool {
+            false
         }
     }
 

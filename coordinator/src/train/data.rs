@@ -30,7 +30,7 @@ pub struct Prepared {
 pub fn prepare(config: &TrainConfig) -> Result<Prepared> {
     let model = ModelConfig::from_dir(&config.base_model)?;
     let tokenizer = Tokenizer::from_dir(&config.base_model, &model)?;
-    let template = Template::by_name(&config.prompt_template_name)?;
+    let template = Template::resolve(&config.prompt_template_name, &config.base_model)?;
     let options = TokenizeOptions {
         cutoff_len: config.cutoff_len,
         train_on_inputs: config.train_on_inputs,
