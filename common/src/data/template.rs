@@ -130,23 +130,50 @@ pub enum Template {
     Chat(ChatFormat),
     /// The same through the model's own Jinja chat template (`auto`, `tokenizer`).
     Jinja(std::sync::Arc<super::chat_template::ChatTemplate>),
+    /// A prompt template for Alpaca records, and the model's chat template for chat records
+    /// (what a prompt template name means when the model has one).
+    PromptWithChat(PromptTemplate, std::sync::Arc<super::chat_template::ChatTemplate>),
 }
 
 impl Template {
     /// `by_name`, plus `tokenizer` (the chat template of the model folder `model_dir`; an
-    /// error if it has none) and `auto` (that template when there is one, else `alpaca`).
+    /// error if it has none) and `auto` (that template when there is one, else `alpaca`). A
+    /// prompt template (`alpaca`, a file) renders chat records with the model's template when
+    /// it has one.
     pub fn resolve(name: &str, model_dir: &Path) -> Result<Self> {
+        let chat = || super::chat_template::ChatTemplate::from_dir(model_dir).map(|t| t.map(std::sync::Arc::new));
         match name {
-            "auto" | "tokenizer" => match super::chat_template::ChatTemplate::from_dir(model_dir)? {
-                Some(t) => Ok(Self::Jinja(std::sync::Arc::new(t))),
+            "auto" | "tokenizer" => match chat()? {
+                Some(t) => Ok(Self::Jinja(t)),
                 None if name == "auto" => Self::by_name("alpaca"),
                 None => Err(FormatError::invalid(
                     &model_dir.join("tokenizer_config.json"),
                     "prompt_template_name = \"tokenizer\": the model has no chat_template (nor chat_template.jinja)",
                 )),
             },
-            other => Self::by_name(other),
+            other => match (Self::by_name(other)?, chat()?) {
+                (Self::Prompt(p), Some(t)) => Ok(Self::PromptWithChat(p, t)),
+                (plain, _) => Ok(plain),
+            },
         }
+    }
+
+    /// The Jinja template `record` is rendered with, if any.
+    pub fn jinja_for(&self, record: &Record) -> Option<&super::chat_template::ChatTemplate> {
+        match (self, record) {
+            (_, Record::Text { .. }) => None,
+            (Self::Jinja(t), _) | (Self::PromptWithChat(_, t), Record::Chat { .. }) => Some(t),
+            _ => None,
+        }
+    }
+
+    /// Whether `record` gets an EOS after its answer: Alpaca records under a prompt template
+    /// and plain text (chat markups end turns with their own marker).
+    pub fn appends_eos(&self, record: &Record) -> bool {
+        matches!(
+            (self, record),
+            (_, Record::Text { .. }) | (Self::Prompt(_), _) | (Self::PromptWithChat(..), Record::Alpaca { .. })
+        )
     }
 
     /// `alpaca`, `alpaca_legacy`, `chatml`, `llama3`, or the path of an alpaca-lora template file.
@@ -170,10 +197,10 @@ impl Template {
     /// a prompt template, which has no instruction to fill in.
     pub fn segments(&self, record: &Record) -> Option<Vec<(String, bool)>> {
         match (self, record) {
-            (Self::Prompt(t), Record::Alpaca { instruction, input, output }) => {
+            (Self::Prompt(t) | Self::PromptWithChat(t, _), Record::Alpaca { instruction, input, output }) => {
                 Some(vec![(t.render(instruction, input), false), (output.clone(), true)])
             }
-            (Self::Prompt(_), Record::Chat { .. }) => None,
+            (Self::Prompt(_) | Self::PromptWithChat(..), Record::Chat { .. }) => None,
             (Self::Chat(f), Record::Chat { messages }) => Some(f.segments(messages)),
             (Self::Chat(f), Record::Alpaca { .. }) => Some(f.segments(&alpaca_as_chat(record))),
             (_, Record::Text { text }) => Some(vec![(text.clone(), true)]),
@@ -186,7 +213,7 @@ impl Template {
     /// evaluation. Chat records are asked for their last assistant turn.
     pub fn prompt_and_answer(&self, record: &Record) -> Option<(String, String)> {
         match (self, record) {
-            (Self::Prompt(t), Record::Alpaca { instruction, input, output }) => {
+            (Self::Prompt(t) | Self::PromptWithChat(t, _), Record::Alpaca { instruction, input, output }) => {
                 Some((t.render(instruction, input), output.clone()))
             }
             (Self::Prompt(_), Record::Chat { .. }) => None,
@@ -202,7 +229,7 @@ impl Template {
             (Self::Jinja(t), Record::Alpaca { output, .. }) => {
                 Some((t.render(&alpaca_as_chat(record)[..1], true).ok()?, output.clone()))
             }
-            (Self::Jinja(t), Record::Chat { messages }) => {
+            (Self::Jinja(t) | Self::PromptWithChat(_, t), Record::Chat { messages }) => {
                 let last = messages.iter().rposition(|m| m.role == "assistant")?;
                 Some((t.render(&messages[..last], true).ok()?, messages[last].content.clone()))
             }

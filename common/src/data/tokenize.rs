@@ -152,7 +152,7 @@ pub fn tokenize_records_with(
             format!("cutoff_len {} leaves no room for a target", options.cutoff_len),
         ));
     }
-    let needs_eos = |r: &Record| matches!(template, Template::Prompt(_)) || matches!(r, Record::Text { .. });
+    let needs_eos = |r: &Record| template.appends_eos(r);
     let eos = match records.iter().any(needs_eos) {
         true => {
             Some(encoder.eos_id().ok_or_else(|| FormatError::invalid(source, "the tokenizer defines no eos token"))?)
@@ -160,7 +160,7 @@ pub fn tokenize_records_with(
         false => None,
     };
     let one = |i: usize, record: &Record| -> Result<Outcome> {
-        if let (Template::Jinja(t), false) = (template, matches!(record, Record::Text { .. })) {
+        if let Some(t) = template.jinja_for(record) {
             let (ids, labels) = jinja_tokens(t, record, encoder, options.train_on_inputs)
                 .map_err(|e| FormatError::invalid(source, format!("record {}: {e}", i + 1)))?;
             return Ok(Outcome::of(Example { record: i, input_ids: ids, labels }, options));

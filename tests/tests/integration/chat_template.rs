@@ -84,4 +84,19 @@ fn auto_takes_the_models_template_and_falls_back_to_alpaca() {
     assert!(matches!(Template::resolve("auto", &tiny).unwrap(), Template::Prompt(_)));
     let err = Template::resolve("tokenizer", &tiny).unwrap_err().to_string();
     assert!(err.contains("no chat_template"), "{err}");
+    // alpaca-lora's template for Alpaca records, the model's own for chat records.
+    let both = Template::resolve("alpaca", dir.path()).unwrap();
+    assert!(matches!(both, Template::PromptWithChat(..)));
+    let chat = Record::Chat {
+        messages: vec![
+            Message { role: "user".into(), content: "Hi".into() },
+            Message { role: "assistant".into(), content: "Hello".into() },
+        ],
+    };
+    let alpaca = Record::Alpaca { instruction: "Hi".into(), input: String::new(), output: "Hello".into() };
+    assert!(both.jinja_for(&chat).is_some() && both.jinja_for(&alpaca).is_none());
+    let (prompt, answer) = both.prompt_and_answer(&alpaca).unwrap();
+    assert!(prompt.starts_with("Below is an instruction") && answer == "Hello");
+    let (prompt, _) = both.prompt_and_answer(&chat).unwrap();
+    assert_eq!(prompt, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
 }
