@@ -198,8 +198,15 @@ pub struct GenerateArgs {
     #[arg(long = "use", value_name = "NAME")]
     pub use_adapter: Option<String>,
     /// Raw prompt text.
-    #[arg(long, conflicts_with_all = ["instruction", "input"], required_unless_present = "instruction")]
+    #[arg(long, conflicts_with_all = ["instruction", "input", "chat"], required_unless_present_any = ["instruction", "chat"])]
     pub prompt: Option<String>,
+    /// A user message, rendered with the model's own chat template (and `--system`) and
+    /// answered as the assistant's next turn.
+    #[arg(long, conflicts_with_all = ["instruction", "input"])]
+    pub chat: Option<String>,
+    /// A system prompt for `--chat`.
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
     /// An instruction, wrapped in the Alpaca template.
     #[arg(long)]
     pub instruction: Option<String>,

@@ -2,7 +2,8 @@
 
 use crate::cli::GenerateArgs;
 use anyhow::{bail, Context, Result};
-use lorafleet_common::data::PromptTemplate;
+use lorafleet_common::data::chat_template::ChatTemplate;
+use lorafleet_common::data::{Message, PromptTemplate};
 use lorafleet_common::ModelConfig;
 use lorafleet_worker::adapter_io::load_adapter;
 use lorafleet_worker::device;
@@ -17,12 +18,23 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let tokenizer = Tokenizer::from_dir(&args.base, model.config())?;
     let adapters = load_adapters(&args.adapters, model.config(), &device)?;
     let active = select(&adapters, args.use_adapter.as_deref())?;
-    let prompt = match (&args.prompt, &args.instruction) {
-        (Some(p), _) => p.clone(),
-        (None, Some(i)) => PromptTemplate::alpaca().render(i, args.input.as_deref().unwrap_or("")),
-        (None, None) => bail!("give --prompt or --instruction"),
+    let ids = match (&args.prompt, &args.instruction, &args.chat) {
+        (Some(p), _, _) => tokenizer.encode(p, true)?,
+        (None, Some(i), _) => {
+            tokenizer.encode(&PromptTemplate::alpaca().render(i, args.input.as_deref().unwrap_or("")), true)?
+        }
+        (None, None, Some(message)) => {
+            let Some(template) = ChatTemplate::from_dir(&args.base)? else {
+                bail!("{}: the model has no chat template; use --prompt or --instruction", args.base.display())
+            };
+            let turn = |role: &str, content: &str| Message { role: role.into(), content: content.into() };
+            let mut messages: Vec<Message> = args.system.iter().map(|s| turn("system", s)).collect();
+            messages.push(turn("user", message));
+            // The template writes the BOS itself, as transformers' apply_chat_template does.
+            tokenizer.encode(&template.render(&messages, true).map_err(anyhow::Error::msg)?, false)?
+        }
+        (None, None, None) => bail!("give --prompt, --instruction or --chat"),
     };
-    let ids = tokenizer.encode(&prompt, true)?;
     let sampling = Sampling {
         max_new_tokens: args.max_new_tokens,
         temperature: args.temperature,

@@ -108,3 +108,25 @@ fn errors_name_the_file_and_exit_nonzero() {
     assert!(err.contains("config.json"), "{err}");
     assert!(out.stdout.is_empty());
 }
+
+#[test]
+fn chat_renders_the_models_own_template_with_a_system_prompt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("model");
+    std::fs::create_dir(&base).unwrap();
+    for e in std::fs::read_dir(tiny()).unwrap().map(|e| e.unwrap()).filter(|e| e.path().is_file()) {
+        std::fs::copy(e.path(), base.join(e.file_name())).unwrap();
+    }
+    std::fs::write(
+        base.join("chat_template.jinja"),
+        "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] | trim }}\n{% endfor %}\
+         {% if add_generation_prompt %}assistant:{% endif %}",
+    )
+    .unwrap();
+    let common = ["generate", "--base", s(&base), "--max-new-tokens", "8"];
+    let chat = ok_stdout(&[&common[..], &["--system", "Be red.", "--chat", "  The red apple "]].concat());
+    let raw = ok_stdout(&[&common[..], &["--prompt", "system: Be red.\nuser: The red apple\nassistant:"]].concat());
+    assert_eq!(chat, raw);
+    let none = coordinator(&["generate", "--base", s(&tiny()), "--chat", "hi"]);
+    assert!(String::from_utf8_lossy(&none.stderr).contains("has no chat template"));
+}
