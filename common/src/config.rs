@@ -136,6 +136,19 @@ pub struct TrainConfig {
     pub eval_max_new_tokens: usize,
     /// `cpu`, `cuda`, `cuda:N`.
     pub device: String,
+    /// Several data files in one run (TOML `[[datasets]]`), each with its own template;
+    /// instead of `data_path`. Last, because TOML writes tables after plain keys.
+    pub datasets: Vec<DatasetSpec>,
+}
+
+/// One data file of `[[datasets]]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetSpec {
+    /// JSON, JSON Lines or Parquet; any record layout (Alpaca, OpenAI, ShareGPT, text).
+    pub path: PathBuf,
+    /// Its template (default: the run's `prompt_template_name`).
+    pub prompt_template_name: Option<String>,
 }
 
 impl Default for TrainConfig {
@@ -184,6 +197,7 @@ impl Default for TrainConfig {
             eval_exact_match: false,
             eval_max_new_tokens: 32,
             device: "cpu".into(),
+            datasets: Vec::new(),
         }
     }
 }
@@ -206,6 +220,17 @@ impl TrainConfig {
     /// The effective configuration as TOML.
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("the config always serialises")
+    }
+
+    /// The data files and their templates: `[[datasets]]`, or `data_path` with
+    /// `prompt_template_name`.
+    pub fn sources(&self) -> Vec<(PathBuf, String)> {
+        if self.datasets.is_empty() {
+            return vec![(self.data_path.clone(), self.prompt_template_name.clone())];
+        }
+        let name =
+            |d: &DatasetSpec| d.prompt_template_name.clone().unwrap_or_else(|| self.prompt_template_name.clone());
+        self.datasets.iter().map(|d| (d.path.clone(), name(d))).collect()
     }
 
     /// Gradient-accumulation steps: `batch_size / micro_batch_size / workers`.
@@ -236,8 +261,22 @@ impl TrainConfig {
         if !self.base_model.join("config.json").is_file() {
             return bad("base_model", format!("{} is not a model folder (no config.json)", self.base_model.display()));
         }
-        if !self.data_path.is_file() {
-            return bad("data_path", format!("{} does not exist", self.data_path.display()));
+        match (self.datasets.is_empty(), self.data_path.as_os_str().is_empty()) {
+            (true, _) if !self.data_path.is_file() => {
+                return bad("data_path", format!("{} does not exist", self.data_path.display()));
+            }
+            (false, false) => return bad("datasets", "give data_path or [[datasets]], not both".into()),
+            _ => {}
+        }
+        for (i, d) in self.datasets.iter().enumerate() {
+            if !d.path.is_file() {
+                return bad(&format!("datasets[{i}].path"), format!("{} does not exist", d.path.display()));
+            }
+            if let Some(name) = &d.prompt_template_name {
+                crate::data::Template::resolve(name, &self.base_model).map_err(|e| {
+                    FormatError::field(origin, format!("datasets[{i}].prompt_template_name"), e.to_string())
+                })?;
+            }
         }
         if let Some(p) = &self.eval_data_path {
             if !p.is_file() {

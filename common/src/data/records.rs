@@ -97,6 +97,15 @@ impl Skipped {
         }
     }
 
+    /// Adds another file's counts (keeping the first locations of both, in order).
+    pub fn merge(&mut self, other: Skipped) {
+        for (kind, (count, first)) in other.0 {
+            let (n, mine) = self.0.entry(kind).or_default();
+            *n += count;
+            mine.extend(first.into_iter().take(FIRST_LOCATIONS.saturating_sub(mine.len())));
+        }
+    }
+
     /// Records skipped in all.
     pub fn total(&self) -> usize {
         self.0.values().map(|(n, _)| n).sum()

@@ -143,6 +143,7 @@ const MAY_CHANGE: &[&str] = &[
     "device",
     "gradient_checkpointing",
     "strict",
+    "datasets",
 ];
 
 /// Finds the checkpoint `spec` names (`latest`: the newest in `output_dir`), skipping torn or

@@ -26,44 +26,64 @@ pub struct Prepared {
 }
 
 /// Reads, checks and tokenizes the data (or takes it from the cache), splits off the
-/// validation set and the exact-match pairs.
+/// validation set and the exact-match pairs. With `[[datasets]]`, each file is read and
+/// tokenized with its own template and the examples are laid end to end (example ids, the
+/// keys of dropout masks, count across files).
 pub fn prepare(config: &TrainConfig) -> Result<Prepared> {
     let model = ModelConfig::from_dir(&config.base_model)?;
     let tokenizer = Tokenizer::from_dir(&config.base_model, &model)?;
-    let template = Template::resolve(&config.prompt_template_name, &config.base_model)?;
     let options = TokenizeOptions {
         cutoff_len: config.cutoff_len,
         train_on_inputs: config.train_on_inputs,
         drop_long: config.truncation == "drop",
     };
-    let (Dataset { records, lines, mut skipped }, examples, report) =
-        tokenized(config, &template, &tokenizer, &options)?;
-    if let (true, Some(&first)) = (config.strict, report.too_long.first()) {
-        bail!(
-            "{}:{}: the record is longer than cutoff_len {} (too_long; --strict, truncation = \"drop\")",
-            config.data_path.display(),
-            lines[first],
-            config.cutoff_len
+    let mut records = Vec::new();
+    let mut origin: Vec<usize> = Vec::new();
+    let mut templates = Vec::new();
+    let mut examples: Vec<Example> = Vec::new();
+    let mut skipped = Skipped::default();
+    let (mut total, mut truncated, mut dropped) = (0, 0, 0);
+    let mut per_file = Vec::new();
+    for (k, (path, template_name)) in config.sources().into_iter().enumerate() {
+        let template = Template::resolve(&template_name, &config.base_model)?;
+        let (dataset, file_examples, report) =
+            tokenized(config, k, &path, &template_name, &template, &tokenizer, &options)?;
+        if let (true, Some(&first)) = (config.strict, report.too_long.first()) {
+            bail!(
+                "{}:{}: the record is longer than cutoff_len {} (too_long; --strict, truncation = \"drop\")",
+                path.display(),
+                dataset.lines[first],
+                config.cutoff_len
+            );
+        }
+        let mut file_skipped = dataset.skipped.clone();
+        for &i in &report.too_long {
+            file_skipped.add(Anomaly::TooLong, &path, dataset.lines[i]);
+        }
+        let read = dataset.records.len() + file_skipped.total() - report.too_long.len();
+        per_file.push(
+            serde_json::json!({"path": path, "template": template_name, "records": read, "examples": report.kept}),
         );
-    }
-    for &i in &report.too_long {
-        skipped.add(Anomaly::TooLong, &config.data_path, lines[i]);
+        (total, truncated, dropped) = (total + read, truncated + report.truncated, dropped + report.dropped);
+        skipped.merge(file_skipped);
+        let offset = records.len();
+        examples.extend(file_examples.into_iter().map(|e| Example { record: e.record + offset, ..e }));
+        origin.extend(std::iter::repeat_n(k, dataset.records.len()));
+        records.extend(dataset.records);
+        templates.push(template);
     }
     eprintln!(
-        "data: {} records -> {} examples ({} truncated at cutoff_len {}, {} dropped with nothing to learn, {} skipped)",
-        records.len() + skipped.total() - report.too_long.len(),
-        report.kept,
-        report.truncated,
+        "data: {total} records -> {} examples ({truncated} truncated at cutoff_len {}, {dropped} dropped with nothing to learn, {} skipped)",
+        examples.len(),
         config.cutoff_len,
-        report.dropped,
         skipped.total()
     );
     if skipped.total() > 0 {
         eprintln!("data: skipped {}", skipped.summary());
     }
     let data_report = serde_json::json!({
-        "type": "data", "path": config.data_path, "records": records.len() + skipped.total() - report.too_long.len(),
-        "examples": report.kept, "truncated": report.truncated, "dropped_no_target": report.dropped,
+        "type": "data", "path": per_file[0]["path"], "datasets": per_file, "records": total,
+        "examples": examples.len(), "truncated": truncated, "dropped_no_target": dropped,
         "skipped": skipped.to_json(),
     });
     if config.val_set_size >= examples.len() {
@@ -72,9 +92,18 @@ pub fn prepare(config: &TrainConfig) -> Result<Prepared> {
     let (train_idx, val_idx) = split_validation(examples.len(), config.val_set_size, config.seed);
     // Eval loss covers answer tokens only, whatever train_on_inputs says.
     let eval_options = TokenizeOptions { train_on_inputs: false, ..options };
+    let template = Template::resolve(&config.prompt_template_name, &config.base_model)?;
     let eval = if !val_idx.is_empty() {
-        let val_records: Vec<_> = val_idx.iter().map(|&i| records[examples[i].record].clone()).collect();
-        tokenize_records(&config.data_path, &val_records, &template, &tokenizer, &eval_options)?.0
+        // Each held-out record with its own file's template, runs of one file at a time.
+        let mut eval = Vec::new();
+        let held: Vec<usize> = val_idx.iter().map(|&i| examples[i].record).collect();
+        for run in held.chunk_by(|a, b| origin[*a] == origin[*b]) {
+            let k = origin[run[0]];
+            let run_records: Vec<_> = run.iter().map(|&r| records[r].clone()).collect();
+            let path = &config.sources()[k].0;
+            eval.extend(tokenize_records(path, &run_records, &templates[k], &tokenizer, &eval_options)?.0);
+        }
+        eval
     } else if let Some(path) = &config.eval_data_path {
         tokenize_records(path, &read_records(path)?, &template, &tokenizer, &eval_options)?.0
     } else {
@@ -97,13 +126,16 @@ pub fn prepare(config: &TrainConfig) -> Result<Prepared> {
 /// tokenized on every core (with a progress bar on a terminal) and cached.
 fn tokenized(
     config: &TrainConfig,
+    index: usize,
+    data: &std::path::Path,
+    template_name: &str,
     template: &Template,
     tokenizer: &Tokenizer,
     options: &TokenizeOptions,
 ) -> Result<(Dataset, Vec<Example>, TokenizeReport)> {
-    let key = cache_key(config)?;
+    let key = cache_key(config, data, template_name)?;
     let dir = config.output_dir.join(".lorafleet-cache");
-    let path = dir.join(format!("data-{}.bin", &key[..16]));
+    let path = dir.join(format!("data-{index}-{}.bin", &key[..16]));
     let started = std::time::Instant::now();
     if let Ok(bytes) = std::fs::read(&path) {
         match bincode::serde::decode_from_slice::<Cached, _>(&bytes, bincode::config::standard()) {
@@ -118,7 +150,7 @@ fn tokenized(
             _ => eprintln!("warning: {} is stale or unreadable; tokenizing again", path.display()),
         }
     }
-    let dataset = read_dataset(&config.data_path, config.strict)?;
+    let dataset = read_dataset(data, config.strict)?;
     let bar = indicatif::ProgressBar::new(dataset.records.len() as u64);
     if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         bar.set_style(indicatif::ProgressStyle::with_template("tokenizing {bar:30} {pos}/{len} [{elapsed_precise}]")?);
@@ -126,9 +158,7 @@ fn tokenized(
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     let (examples, report) =
-        tokenize_records_with(&config.data_path, &dataset.records, template, tokenizer, options, &|n| {
-            bar.inc(n as u64)
-        })?;
+        tokenize_records_with(data, &dataset.records, template, tokenizer, options, &|n| bar.inc(n as u64))?;
     bar.finish_and_clear();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     eprintln!(
@@ -141,7 +171,7 @@ fn tokenized(
     let write = || -> Result<()> {
         std::fs::create_dir_all(&dir)?;
         for old in std::fs::read_dir(&dir)?.filter_map(|e| e.ok()) {
-            if old.file_name().to_string_lossy().starts_with("data-") {
+            if old.file_name().to_string_lossy().starts_with(&format!("data-{index}-")) {
                 let _ = std::fs::remove_file(old.path());
             }
         }
@@ -165,13 +195,12 @@ struct Cached {
 
 /// SHA-256 of everything the tokenized data depends on: the data file's bytes, the tokenizer
 /// files, the template (a template file's bytes too) and the settings that shape examples.
-fn cache_key(config: &TrainConfig) -> Result<String> {
+fn cache_key(config: &TrainConfig, data: &std::path::Path, template: &str) -> Result<String> {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     h.update(b"lorafleet-data-cache/1\0");
-    h.update(std::fs::read(&config.data_path)?);
+    h.update(std::fs::read(data)?);
     h.update(lorafleet_worker::identity::tokenizer_digest(&config.base_model)?);
-    let template = &config.prompt_template_name;
     h.update(template.as_bytes());
     if std::path::Path::new(template).is_file() {
         h.update(std::fs::read(template)?);

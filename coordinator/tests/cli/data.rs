@@ -151,3 +151,69 @@ fn a_repeated_run_takes_the_tokenized_data_from_the_cache_and_trains_the_same() 
     let log = String::from_utf8_lossy(&other.stderr).into_owned();
     assert!(other.status.success() && log.contains("records tokenized in"), "{log}");
 }
+
+#[test]
+fn datasets_in_toml_train_several_files_each_with_its_template() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tiny().join("data");
+    let toml = |name: &str, datasets: &[(&str, Option<&str>)]| {
+        let mut text = format!(
+            "base_model = {:?}\noutput_dir = {:?}\nbatch_size = 8\nmicro_batch_size = 4\nval_set_size = 8\n\
+             max_steps = 3\nsave_steps = 0\ncutoff_len = 96\n",
+            s(&tiny()),
+            s(&tmp.path().join(name))
+        );
+        for (file, template) in datasets {
+            text += &format!("[[datasets]]\npath = {:?}\n", s(&data.join(file)));
+            if let Some(t) = template {
+                text += &format!("prompt_template_name = {t:?}\n");
+            }
+        }
+        let path = tmp.path().join(format!("{name}.toml"));
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let two = toml("two", &[("alpaca_sample.jsonl", None), ("sharegpt_sample.parquet", Some("chatml"))]);
+    let r = coordinator(&["--config", s(&two), "--metrics-addr", "0"]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{err}");
+    assert!(err.contains("data: 250 records -> 250 examples"), "{err}");
+    let metrics = std::fs::read_to_string(tmp.path().join("two/metrics.jsonl")).unwrap();
+    let report: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    let per_file: Vec<(String, u64)> = report["datasets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["template"].as_str().unwrap().to_owned(), d["examples"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(per_file, [("alpaca".to_owned(), 200), ("chatml".to_owned(), 50)]);
+
+    // One file under [[datasets]] is the same run as data_path.
+    let one = toml("one", &[("alpaca_sample.jsonl", None)]);
+    assert!(coordinator(&["--config", s(&one), "--metrics-addr", "0"]).status.success());
+    let plain = tmp.path().join("plain");
+    let r = coordinator(&[
+        "--config",
+        s(&one),
+        "--metrics-addr",
+        "0",
+        "--output_dir",
+        s(&plain),
+        "--data_path",
+        s(&data.join("alpaca_sample.jsonl")),
+    ]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success() && err.contains("`datasets`: give data_path or [[datasets]], not both"), "{err}");
+    let flat = toml("flat", &[]);
+    let r = coordinator(&[
+        "--config",
+        s(&flat),
+        "--metrics-addr",
+        "0",
+        "--data_path",
+        s(&data.join("alpaca_sample.jsonl")),
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let adapter = |name: &str| std::fs::read(tmp.path().join(name).join("adapter_model.safetensors")).unwrap();
+    assert!(adapter("one") == adapter("flat"), "one [[datasets]] entry trains like data_path");
+}
