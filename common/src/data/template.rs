@@ -151,8 +151,10 @@ impl Template {
                     "prompt_template_name = \"tokenizer\": the model has no chat_template (nor chat_template.jinja)",
                 )),
             },
-            other => match (Self::by_name(other)?, chat()?) {
-                (Self::Prompt(p), Some(t)) => Ok(Self::PromptWithChat(p, t)),
+            // A model template minijinja cannot read must not stop a run of Alpaca records;
+            // chat records then ask for a chat template by name.
+            other => match (Self::by_name(other)?, chat()) {
+                (Self::Prompt(p), Ok(Some(t))) => Ok(Self::PromptWithChat(p, t)),
                 (plain, _) => Ok(plain),
             },
         }

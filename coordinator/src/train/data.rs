@@ -194,13 +194,18 @@ struct Cached {
 }
 
 /// SHA-256 of everything the tokenized data depends on: the data file's bytes, the tokenizer
-/// files, the template (a template file's bytes too) and the settings that shape examples.
+/// files and the model's chat template, the template name (a template file's bytes too) and
+/// the settings that shape examples.
 fn cache_key(config: &TrainConfig, data: &std::path::Path, template: &str) -> Result<String> {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     h.update(b"lorafleet-data-cache/1\0");
     h.update(std::fs::read(data)?);
     h.update(lorafleet_worker::identity::tokenizer_digest(&config.base_model)?);
+    // The model's chat template, when it is a file of its own (tokenizer_config.json is above).
+    if let Ok(jinja) = std::fs::read(config.base_model.join("chat_template.jinja")) {
+        h.update(&jinja);
+    }
     h.update(template.as_bytes());
     if std::path::Path::new(template).is_file() {
         h.update(std::fs::read(template)?);

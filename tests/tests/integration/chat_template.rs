@@ -99,4 +99,9 @@ fn auto_takes_the_models_template_and_falls_back_to_alpaca() {
     assert!(prompt.starts_with("Below is an instruction") && answer == "Hello");
     let (prompt, _) = both.prompt_and_answer(&chat).unwrap();
     assert_eq!(prompt, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+    // A template minijinja cannot compile is an error when asked for, and ignored otherwise.
+    std::fs::write(dir.path().join("chat_template.jinja"), "{% for m in messages %}{{ m.content }").unwrap();
+    let err = Template::resolve("tokenizer", dir.path()).unwrap_err().to_string();
+    assert!(err.contains("chat_template.jinja") && err.contains("chat template"), "{err}");
+    assert!(matches!(Template::resolve("alpaca", dir.path()).unwrap(), Template::Prompt(_)));
 }
