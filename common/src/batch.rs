@@ -17,9 +17,14 @@ pub struct Batch {
     /// Target ids, or [`IGNORE_INDEX`]. Position `t` is predicted from positions `..t`,
     /// i.e. the model's output at `t - 1` (the Hugging Face causal-LM shift).
     pub labels: Vec<i64>,
-    /// Global index of each row's example in the data set: the key of its dropout masks,
-    /// so that a row gets the same masks whichever rank or micro-batch it lands in.
+    /// Global index of each example in the data set: the key of its dropout masks, so that
+    /// an example gets the same masks whichever rank, micro-batch or row it lands in. One
+    /// per row, or, with `packed`, one per sequence in row order.
     pub example_ids: Vec<u64>,
+    /// Sample packing: the lengths of the sequences laid end to end in each row (empty: one
+    /// sequence per row). Positions restart and attention stops at each boundary; only the
+    /// training engine reads packed rows.
+    pub packed: Vec<Vec<u32>>,
 }
 
 impl Batch {
@@ -36,6 +41,7 @@ impl Batch {
             attention_mask: Vec::with_capacity(rows.len() * seq_len),
             labels: Vec::with_capacity(rows.len() * seq_len),
             example_ids,
+            packed: Vec::new(),
         };
         for (ids, labels) in rows {
             let pad = seq_len - ids.len();
@@ -52,6 +58,38 @@ impl Batch {
         let (rows, ids): (Vec<_>, Vec<_>) =
             examples.into_iter().map(|e| ((e.input_ids.clone(), e.labels.clone()), e.record as u64)).unzip();
         Self::from_rows(&rows, ids, pad_id, 8)
+    }
+
+    /// Rows that each hold several examples end to end (sample packing), right-padded to a
+    /// multiple of 8. No label is scored across a boundary: a sequence's first label is not
+    /// predicted from the one before it.
+    pub fn from_packed_rows(rows: &[Vec<&crate::data::Example>], pad_id: u32) -> Self {
+        let joined: Vec<(Vec<u32>, Vec<i64>)> = rows
+            .iter()
+            .map(|row| {
+                let ids = row.iter().flat_map(|e| e.input_ids.iter().copied()).collect();
+                let labels = row.iter().flat_map(|e| e.labels.iter().copied()).collect();
+                (ids, labels)
+            })
+            .collect();
+        let ids = rows.iter().flatten().map(|e| e.record as u64).collect();
+        let mut batch = Self::from_rows(&joined, ids, pad_id, 8);
+        batch.packed = rows.iter().map(|row| row.iter().map(|e| e.input_ids.len() as u32).collect()).collect();
+        batch
+    }
+
+    /// Whether rows hold several sequences (sample packing).
+    pub fn is_packed(&self) -> bool {
+        !self.packed.is_empty()
+    }
+
+    /// Sequences in the batch: one per row, or the packed ones.
+    pub fn sequences(&self) -> usize {
+        if self.is_packed() {
+            self.packed.iter().map(Vec::len).sum()
+        } else {
+            self.rows
+        }
     }
 
     /// Non-padding tokens: what throughput counts.

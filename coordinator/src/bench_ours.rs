@@ -102,6 +102,7 @@ pub fn batch(kind: BenchBatches, vocab: usize) -> Batch {
                 input_ids: ids,
                 attention_mask: vec![1; rows * seq],
                 example_ids: (0..rows as u64).collect(),
+                packed: Vec::new(),
             }
         }
     }

@@ -33,6 +33,7 @@ pub fn reference_batch(r: &HashMap<String, Tensor>) -> Batch {
         attention_mask: mask.iter().flatten().map(|&m| m as u8).collect(),
         labels: labels.into_iter().flatten().collect(),
         example_ids: (0..ids.len() as u64).collect(),
+        packed: Vec::new(),
     }
 }
 

@@ -101,7 +101,8 @@ impl Executor {
 /// A batch from the wire must be self-consistent before it reaches the model.
 fn check_batch(b: &Batch) -> Result<()> {
     let n = b.rows * b.seq_len;
-    if b.input_ids.len() != n || b.attention_mask.len() != n || b.labels.len() != n || b.example_ids.len() != b.rows {
+    let shape = b.input_ids.len() != n || b.attention_mask.len() != n || b.labels.len() != n;
+    if shape || b.example_ids.len() != b.sequences() || (b.is_packed() && b.packed.len() != b.rows) {
         return Err(Error::Invalid(format!("malformed batch of {} x {} from the coordinator", b.rows, b.seq_len)));
     }
     Ok(())

@@ -154,6 +154,11 @@ impl StepAccumulator {
             self.tokens += s.tokens as f64;
             return Ok((s.loss_sum, s.tokens));
         }
+        if batch.is_packed() {
+            return Err(crate::error::Error::Invalid(
+                "packed rows (sample packing) need the training engine (f32 or int8 weights on the CPU)".into(),
+            ));
+        }
         let (value, tokens, grads, forward) = if checkpointing {
             crate::recompute::backward(model, adapter, batch, dropout)?
         } else {

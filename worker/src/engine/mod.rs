@@ -308,8 +308,8 @@ impl<'p> DropoutKeys<'p> {
     /// none when dropout is off.
     fn new(dropout: &Dropout, packed: &'p Packed, layers: usize) -> Result<Option<Self>> {
         let Dropout::On { seed, step, example_ids } = dropout else { return Ok(None) };
-        let examples = packed.rows.iter().map(|&r| example_ids.get(r).copied()).collect::<Option<Vec<u64>>>();
-        let examples = examples.ok_or_else(|| Error::Invalid("dropout: fewer example ids than batch rows".into()))?;
+        let examples = packed.examples.iter().map(|&i| example_ids.get(i).copied()).collect::<Option<Vec<u64>>>();
+        let examples = examples.ok_or_else(|| Error::Invalid("dropout: fewer example ids than sequences".into()))?;
         let sequences = examples.len();
         let mut keys = Vec::with_capacity(layers * 7 * sequences);
         for l in 0..layers {

@@ -21,8 +21,8 @@ pub(crate) struct Packed {
     pub scored: Vec<usize>,
     /// The target of each scored token.
     pub targets: Vec<u32>,
-    /// The batch row each sequence came from.
-    pub rows: Vec<usize>,
+    /// Each sequence's index in the batch's `example_ids` (its dropout key).
+    pub examples: Vec<usize>,
 }
 
 impl Packed {
@@ -32,7 +32,11 @@ impl Packed {
     pub(crate) fn new(batch: &Batch, vocab: usize, positions: usize) -> Result<Self> {
         let cells = batch.rows.checked_mul(batch.seq_len);
         let lengths = [batch.input_ids.len(), batch.attention_mask.len(), batch.labels.len()];
-        if cells.is_none_or(|c| lengths.iter().any(|&l| l != c)) || batch.example_ids.len() != batch.rows {
+        let packed_ok = !batch.is_packed() || batch.packed.len() == batch.rows;
+        if cells.is_none_or(|c| lengths.iter().any(|&l| l != c))
+            || !packed_ok
+            || batch.example_ids.len() != batch.sequences()
+        {
             return Err(Error::Invalid(format!(
                 "batch of {} × {} with {lengths:?} ids/mask/labels and {} example ids",
                 batch.rows,
@@ -41,6 +45,7 @@ impl Packed {
             )));
         }
         let mut p = Packed { cu_seqlens: vec![0], ..Default::default() };
+        let mut sequence = 0;
         for r in 0..batch.rows {
             let row = r * batch.seq_len..(r + 1) * batch.seq_len;
             let mask = &batch.attention_mask[row.clone()];
@@ -56,25 +61,42 @@ impl Packed {
                 return Err(Error::Invalid(format!("batch row {r}: label {bad} outside the vocabulary of {vocab}")));
             }
             if len == 0 {
+                sequence += batch.packed.get(r).map_or(1, Vec::len);
                 continue;
             }
-            if len > positions {
-                return Err(Error::Invalid(format!(
-                    "sequence of {len} tokens is longer than the model's {positions} positions"
-                )));
+            // The row's sequences: one, or the packed lengths (which must fill its real tokens).
+            let lengths = match batch.packed.get(r) {
+                Some(l) if batch.is_packed() => l.iter().map(|&n| n as usize).collect(),
+                _ => vec![len],
+            };
+            if lengths.iter().sum::<usize>() != len || lengths.contains(&0) {
+                return Err(Error::Invalid(format!("batch row {r}: packed lengths {lengths:?} for {len} tokens")));
             }
-            let base = p.ids.len();
-            p.ids.extend_from_slice(&batch.input_ids[row.start..row.start + len]);
-            p.positions.extend(0..len as u32);
-            for t in 0..batch.seq_len.saturating_sub(1).min(len) {
-                let label = labels[t + 1];
-                if label != IGNORE_INDEX {
-                    p.scored.push(base + t);
-                    p.targets.push(label as u32);
+            let mut start = 0;
+            for n in lengths {
+                if n > positions {
+                    return Err(Error::Invalid(format!(
+                        "sequence of {n} tokens is longer than the model's {positions} positions"
+                    )));
                 }
+                let base = p.ids.len();
+                let at = row.start + start;
+                p.ids.extend_from_slice(&batch.input_ids[at..at + n]);
+                p.positions.extend(0..n as u32);
+                // Within the sequence only: a row's padding, or the next sequence, is never a target.
+                let limit = if start + n == len { batch.seq_len.saturating_sub(1).min(len) } else { start + n - 1 };
+                for t in start..limit {
+                    let label = labels[t + 1];
+                    if label != IGNORE_INDEX {
+                        p.scored.push(base + t - start);
+                        p.targets.push(label as u32);
+                    }
+                }
+                p.cu_seqlens.push(p.ids.len());
+                p.examples.push(sequence);
+                sequence += 1;
+                start += n;
             }
-            p.cu_seqlens.push(p.ids.len());
-            p.rows.push(r);
         }
         if let Some(&bad) = p.ids.iter().find(|&&i| i as usize >= vocab) {
             return Err(Error::Invalid(format!("token id {bad} outside the model's vocabulary of {vocab}")));
@@ -100,10 +122,32 @@ mod tests {
         assert_eq!(p.cu_seqlens, vec![0, 4, 6]);
         assert_eq!(p.ids, vec![1, 5, 6, 7, 1, 9]);
         assert_eq!(p.positions, vec![0, 1, 2, 3, 0, 1]);
-        assert_eq!(p.rows, vec![0, 2]);
+        assert_eq!(p.examples, vec![0, 2]);
         // The batch scores rows·seq_len + t for t = 1, 2 (row 0) and t = 0 (row 2).
         assert_eq!(b.scored_positions().1, p.targets);
         assert_eq!(p.scored, vec![1, 2, 4]);
+    }
+
+    #[test]
+    fn packed_rows_split_into_sequences_and_score_nothing_across_a_boundary() {
+        let ex = |record, ids: Vec<u32>, labels: Vec<i64>| lorafleet_common::data::Example {
+            record,
+            input_ids: ids,
+            labels,
+        };
+        let (a, b, c) =
+            (ex(7, vec![1, 5, 6], vec![-100, 5, 6]), ex(8, vec![1, 9], vec![1, 9]), ex(9, vec![1, 4], vec![-100, 4]));
+        let batch = Batch::from_packed_rows(&[vec![&a, &b], vec![&c]], 0);
+        let p = Packed::new(&batch, 16, 64).unwrap();
+        assert_eq!(p.cu_seqlens, vec![0, 3, 5, 7]);
+        assert_eq!(p.positions, vec![0, 1, 2, 0, 1, 0, 1]);
+        assert_eq!(p.examples, vec![0, 1, 2]);
+        // a's last token (packed 2) does not predict b's first; b's 1 predicts 9, c's 1 predicts 4.
+        assert_eq!(p.scored, vec![0, 1, 3, 5]);
+        assert_eq!(p.targets, vec![5, 6, 9, 4]);
+        let mut bad = batch.clone();
+        bad.packed[0] = vec![3, 1];
+        assert!(Packed::new(&bad, 16, 64).unwrap_err().to_string().contains("packed lengths"));
     }
 
     #[test]
