@@ -18,8 +18,6 @@ pub struct Executor {
     tokenizer: Tokenizer,
     replica: Replica,
     max_grad_norm: f64,
-    /// The adapter's configuration and seed: the run's initial state, for a restore to step 0.
-    lora: (lorafleet_common::LoraConfig, u64),
 }
 
 impl Executor {
@@ -30,8 +28,7 @@ impl Executor {
         tokenizer: Tokenizer,
         collective: Box<dyn Collective>,
     ) -> Result<Self> {
-        let lora = (config.lora(), config.seed);
-        let adapter = LoraAdapter::init(lora.0.clone(), model.config(), lora.1, model.device())?;
+        let adapter = LoraAdapter::init(config.lora(), model.config(), config.seed, model.device())?;
         let adam = AdamWConfig {
             beta1: config.adam_beta1,
             beta2: config.adam_beta2,
@@ -40,7 +37,7 @@ impl Executor {
         };
         let mut replica = Replica::new(model.clone(), adapter, adam, collective, config.seed)?;
         replica.set_gradient_checkpointing(config.gradient_checkpointing);
-        Ok(Self { model, tokenizer, replica, max_grad_norm: config.max_grad_norm, lora })
+        Ok(Self { model, tokenizer, replica, max_grad_norm: config.max_grad_norm })
     }
 
     /// Reduces through another group from now on (the coordinator regrouped the ranks).
@@ -80,9 +77,7 @@ impl Executor {
             }
             ToWorker::Verify { step } => ToCoordinator::Digest { step, digest: self.replica.digest()? },
             ToWorker::Restore { step: 0, adapter, optimizer } if adapter.is_empty() && optimizer.is_empty() => {
-                let (config, seed) = self.lora.clone();
-                let fresh = LoraAdapter::init(config, self.model.config(), seed, self.model.device())?;
-                self.replica.reset(fresh)?;
+                self.replica.reset_to_initial()?;
                 ToCoordinator::Restored { step: 0, digest: self.replica.digest()? }
             }
             ToWorker::Restore { step, adapter, optimizer } => {

@@ -28,7 +28,8 @@ pub struct Replica {
 }
 
 impl Replica {
-    /// Wraps a model and a fresh or loaded adapter; `seed` keys the dropout masks.
+    /// Wraps a model and a fresh or loaded adapter; `seed` keys the dropout masks and is the
+    /// seed a fresh adapter was initialised with (`reset_to_initial` makes it again).
     pub fn new(
         model: Arc<Llama>,
         adapter: LoraAdapter,
@@ -124,14 +125,26 @@ impl Replica {
         self.collective = collective;
     }
 
-    /// Back to the run's initial state: `fresh`'s weights (same configuration) and zeroed
-    /// optimizer moments.
-    pub fn reset(&mut self, fresh: LoraAdapter) -> Result<()> {
-        for ((_, var), (_, new)) in self.adapter.named_vars().into_iter().zip(fresh.named_vars()) {
-            var.set(new.as_tensor())?;
-        }
+    /// Back to the run's initial state: the adapter as `LoraAdapter::init` makes it from the
+    /// run's seed, and zeroed optimizer moments.
+    pub fn reset_to_initial(&mut self) -> Result<()> {
+        let fresh =
+            LoraAdapter::init(self.adapter.config.clone(), self.model.config(), self.seed, self.model.device())?;
+        self.copy_weights(&fresh)?;
         let vars: Vec<_> = self.adapter.named_vars().into_iter().map(|(_, v)| v).collect();
         self.optimizer = AdamW::new(self.optimizer.config().clone(), &vars, self.model.device())?;
+        Ok(())
+    }
+
+    /// Sets the adapter's weights to `from`'s (an adapter of the same configuration, so the
+    /// same tensors in the same order).
+    fn copy_weights(&self, from: &LoraAdapter) -> Result<()> {
+        for ((name, var), (_, new)) in self.adapter.named_vars().into_iter().zip(from.named_vars()) {
+            if var.shape() != new.shape() {
+                return Err(Error::Invalid(format!("{name}: shape {:?}, expected {:?}", new.shape(), var.shape())));
+            }
+            var.set(new.as_tensor())?;
+        }
         Ok(())
     }
 
@@ -147,12 +160,7 @@ impl Replica {
         if optimizer.steps() != step {
             return Err(invalid("optimizer state", format!("holds {} steps", optimizer.steps())));
         }
-        for ((name, var), (_, new)) in self.adapter.named_vars().into_iter().zip(loaded.named_vars()) {
-            if var.shape() != new.shape() {
-                return Err(invalid(&name, format!("shape {:?}, expected {:?}", new.shape(), var.shape())));
-            }
-            var.set(new.as_tensor())?;
-        }
+        self.copy_weights(&loaded).map_err(|e| invalid("adapter", e.to_string()))?;
         self.optimizer = optimizer;
         Ok(())
     }

@@ -8,6 +8,6 @@ mod sources;
 pub mod template;
 pub mod tokenize;
 
-pub use records::{read_dataset, read_records, Anomaly, Dataset, Message, Record, Skipped};
+pub use records::{read_dataset, read_dataset_bytes, read_records, Anomaly, Dataset, Message, Record, Skipped};
 pub use template::{ChatFormat, PromptTemplate, Template};
 pub use tokenize::{tokenize_records, tokenize_records_with, Example, TextEncoder, TokenizeOptions, TokenizeReport};

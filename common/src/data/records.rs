@@ -149,7 +149,13 @@ pub fn read_records(path: &Path) -> Result<Vec<Record>> {
 /// Reads `path`: a JSON array, JSON Lines or Parquet (`data::sources`). With `strict`, the
 /// first anomaly is an error instead of a skipped record.
 pub fn read_dataset(path: &Path, strict: bool) -> Result<Dataset> {
-    let values = super::sources::read_values(path)?;
+    let bytes = std::fs::read(path).map_err(|e| FormatError::io(path, e))?;
+    read_dataset_bytes(path, bytes, strict)
+}
+
+/// [`read_dataset`] of a file already read (`path` names it in errors).
+pub fn read_dataset_bytes(path: &Path, bytes: Vec<u8>, strict: bool) -> Result<Dataset> {
+    let values = super::sources::read_values(path, bytes)?;
     let mut data = Dataset::default();
     let total = values.len();
     for (line, v) in values {

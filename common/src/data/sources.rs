@@ -12,9 +12,8 @@ use crate::error::{FormatError, Result};
 use serde_json::Value;
 use std::path::Path;
 
-/// Every record of `path`, with the line (or row) it starts on.
-pub(super) fn read_values(path: &Path) -> Result<Vec<(usize, Value)>> {
-    let bytes = std::fs::read(path).map_err(|e| FormatError::io(path, e))?;
+/// Every record of the file `path` holds as `bytes`, with the line (or row) it starts on.
+pub(super) fn read_values(path: &Path, bytes: Vec<u8>) -> Result<Vec<(usize, Value)>> {
     if bytes.starts_with(b"PAR1") {
         return parquet_rows(path, bytes);
     }

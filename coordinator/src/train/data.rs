@@ -2,12 +2,12 @@
 //! core (or taken from the cache a previous run with the same inputs left), the validation
 //! split and the exact-match pairs.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use lorafleet_common::config::TrainConfig;
 use lorafleet_common::data::schedule::split_validation;
 use lorafleet_common::data::{
-    read_dataset, read_records, tokenize_records, tokenize_records_with, Anomaly, Dataset, Example, Skipped, Template,
-    TokenizeOptions, TokenizeReport,
+    read_dataset_bytes, read_records, tokenize_records, tokenize_records_with, Anomaly, Dataset, Example, Skipped,
+    Template, TokenizeOptions, TokenizeReport,
 };
 use lorafleet_common::ModelConfig;
 use lorafleet_worker::Tokenizer;
@@ -44,10 +44,11 @@ pub fn prepare(config: &TrainConfig) -> Result<Prepared> {
     let mut skipped = Skipped::default();
     let (mut total, mut truncated, mut dropped) = (0, 0, 0);
     let mut per_file = Vec::new();
-    for (k, (path, template_name)) in config.sources().into_iter().enumerate() {
-        let template = Template::resolve(&template_name, &config.base_model)?;
-        let (dataset, file_examples, report) =
-            tokenized(config, k, &path, &template_name, &template, &tokenizer, &options)?;
+    let sources = config.sources();
+    for (k, (path, template_name)) in sources.iter().enumerate() {
+        let template = Template::resolve(template_name, &config.base_model)?;
+        let (mut dataset, file_examples, report) =
+            tokenized(config, k, path, template_name, &template, &tokenizer, &options)?;
         if let (true, Some(&first)) = (config.strict, report.too_long.first()) {
             bail!(
                 "{}:{}: the record is longer than cutoff_len {} (too_long; --strict, truncation = \"drop\")",
@@ -56,9 +57,9 @@ pub fn prepare(config: &TrainConfig) -> Result<Prepared> {
                 config.cutoff_len
             );
         }
-        let mut file_skipped = dataset.skipped.clone();
+        let mut file_skipped = std::mem::take(&mut dataset.skipped);
         for &i in &report.too_long {
-            file_skipped.add(Anomaly::TooLong, &path, dataset.lines[i]);
+            file_skipped.add(Anomaly::TooLong, path, dataset.lines[i]);
         }
         let read = dataset.records.len() + file_skipped.total() - report.too_long.len();
         per_file.push(
@@ -100,8 +101,7 @@ pub fn prepare(config: &TrainConfig) -> Result<Prepared> {
         for run in held.chunk_by(|a, b| origin[*a] == origin[*b]) {
             let k = origin[run[0]];
             let run_records: Vec<_> = run.iter().map(|&r| records[r].clone()).collect();
-            let path = &config.sources()[k].0;
-            eval.extend(tokenize_records(path, &run_records, &templates[k], &tokenizer, &eval_options)?.0);
+            eval.extend(tokenize_records(&sources[k].0, &run_records, &templates[k], &tokenizer, &eval_options)?.0);
         }
         eval
     } else if let Some(path) = &config.eval_data_path {
@@ -133,7 +133,8 @@ fn tokenized(
     tokenizer: &Tokenizer,
     options: &TokenizeOptions,
 ) -> Result<(Dataset, Vec<Example>, TokenizeReport)> {
-    let key = cache_key(config, data, template_name)?;
+    let bytes = std::fs::read(data).with_context(|| format!("{}", data.display()))?;
+    let key = cache_key(config, &bytes, template_name)?;
     let dir = config.output_dir.join(".lorafleet-cache");
     let path = dir.join(format!("data-{index}-{}.bin", &key[..16]));
     let started = std::time::Instant::now();
@@ -150,7 +151,7 @@ fn tokenized(
             _ => eprintln!("warning: {} is stale or unreadable; tokenizing again", path.display()),
         }
     }
-    let dataset = read_dataset(data, config.strict)?;
+    let dataset = read_dataset_bytes(data, bytes, config.strict)?;
     let bar = indicatif::ProgressBar::new(dataset.records.len() as u64);
     if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         bar.set_style(indicatif::ProgressStyle::with_template("tokenizing {bar:30} {pos}/{len} [{elapsed_precise}]")?);
@@ -196,11 +197,11 @@ struct Cached {
 /// SHA-256 of everything the tokenized data depends on: the data file's bytes, the tokenizer
 /// files and the model's chat template, the template name (a template file's bytes too) and
 /// the settings that shape examples.
-fn cache_key(config: &TrainConfig, data: &std::path::Path, template: &str) -> Result<String> {
+fn cache_key(config: &TrainConfig, data: &[u8], template: &str) -> Result<String> {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     h.update(b"lorafleet-data-cache/1\0");
-    h.update(std::fs::read(data)?);
+    h.update(data);
     h.update(lorafleet_worker::identity::tokenizer_digest(&config.base_model)?);
     // The model's chat template, when it is a file of its own (tokenizer_config.json is above).
     if let Ok(jinja) = std::fs::read(config.base_model.join("chat_template.jinja")) {

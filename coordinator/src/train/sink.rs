@@ -34,7 +34,6 @@ pub struct Sink<'a> {
     model: ModelConfig,
     identity: checkpoint::RunIdentity,
     reporter: Reporter,
-    total: u64,
     started: Instant,
     step_started: Option<Instant>,
     outcome: Outcome,
@@ -60,7 +59,6 @@ impl<'a> Sink<'a> {
             config,
             model,
             identity,
-            total,
             started: Instant::now(),
             step_started: None,
             outcome: Outcome {
@@ -185,7 +183,7 @@ impl<'a> Sink<'a> {
         let tps = self.outcome.tokens as f64 / self.outcome.train_seconds.max(1e-9);
         self.reporter.step(step, first.loss, lr, tps);
         self.block.push((seconds, reports.iter().map(|(_, _, r)| r.clone()).collect()));
-        if step.is_multiple_of(self.config.logging_steps as u64) || step == self.total {
+        if step.is_multiple_of(self.config.logging_steps as u64) || step == self.identity.max_steps {
             let n = self.block.len() as f64;
             let loss = self.block.iter().map(|(_, r)| r[0].loss).sum::<f64>() / n;
             let step_seconds = self.block.iter().map(|(s, _)| s).sum::<f64>() / n;

@@ -40,6 +40,12 @@ fn disturbed(out: &Path, extra: &[&str], disturb: impl FnOnce(&[u32])) -> String
     log
 }
 
+/// The run the disturbed ones are compared with, into `out`.
+fn undisturbed(out: &Path) {
+    let r = Command::new(env!("CARGO_BIN_EXE_coordinator")).args(demo(out, &[])).output().unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+}
+
 fn signal(sig: &str, pid: u32) {
     assert!(Command::new("kill").args([sig, &pid.to_string()]).status().unwrap().success());
 }
@@ -48,8 +54,7 @@ fn signal(sig: &str, pid: u32) {
 fn a_worker_killed_at_a_random_moment_is_replaced_and_the_run_ends_in_the_same_bytes() {
     let tmp = tempfile::tempdir().unwrap();
     let (whole, cut) = (tmp.path().join("whole"), tmp.path().join("cut"));
-    let out = Command::new(env!("CARGO_BIN_EXE_coordinator")).args(demo(&whole, &[])).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    undisturbed(&whole);
 
     let (victim, delay) = (random_below(3) as usize, random_below(1500));
     eprintln!("killing worker {victim} {delay} ms after checkpoint-5");
@@ -68,8 +73,7 @@ fn a_worker_killed_at_a_random_moment_is_replaced_and_the_run_ends_in_the_same_b
 fn a_stopped_worker_is_fenced_after_the_heartbeat_timeout_and_the_run_ends_in_the_same_bytes() {
     let tmp = tempfile::tempdir().unwrap();
     let (whole, cut) = (tmp.path().join("whole"), tmp.path().join("cut"));
-    let out = Command::new(env!("CARGO_BIN_EXE_coordinator")).args(demo(&whole, &[])).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    undisturbed(&whole);
 
     let victim = random_below(3) as usize;
     eprintln!("stopping worker {victim}");
@@ -105,8 +109,7 @@ fn relative_difference(a: &[u8], b: &[u8]) -> f64 {
 fn with_min_workers_a_run_without_restarts_goes_on_with_two_workers_and_the_same_global_batch() {
     let tmp = tempfile::tempdir().unwrap();
     let (whole, cut) = (tmp.path().join("whole"), tmp.path().join("cut"));
-    let out = Command::new(env!("CARGO_BIN_EXE_coordinator")).args(demo(&whole, &[])).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    undisturbed(&whole);
 
     let victim = random_below(3) as usize;
     let log = disturbed(&cut, &["--max_restarts", "0", "--min_workers", "2"], |workers| {
