@@ -85,6 +85,10 @@ pub struct TrainConfig {
     pub lora_dropout: f64,
     /// Store the frozen block linears as int8 (alpaca-lora's `load_in_8bit`).
     pub load_in_8bit: bool,
+    /// The dtype of the frozen block linears' products on the CPU: `float32`, or
+    /// `bfloat16` (`bf16`: bf16 operands, f32 accumulation; LoRA, norms and the loss stay
+    /// f32). Ignored for int8 block linears.
+    pub torch_dtype: String,
     /// Input features per int8 scale (`None`: one scale per output row).
     pub int8_group_size: Option<usize>,
     /// Keep only block inputs in the forward and recompute blocks in the backward.
@@ -172,6 +176,7 @@ impl Default for TrainConfig {
             lora_alpha: 16.0,
             lora_dropout: 0.05,
             load_in_8bit: false,
+            torch_dtype: "float32".into(),
             int8_group_size: None,
             gradient_checkpointing: true,
             lora_target_modules: TargetSpec::List(vec!["q_proj".into(), "v_proj".into()]),
@@ -331,6 +336,9 @@ impl TrainConfig {
         if self.weight_decay < 0.0 || self.max_grad_norm < 0.0 || self.adam_epsilon <= 0.0 {
             return bad("weight_decay", "weight_decay and max_grad_norm must be >= 0, adam_epsilon > 0".into());
         }
+        if crate::config::narrow_bf16(&self.torch_dtype).is_none() {
+            return bad("torch_dtype", format!("{:?}: expected float32 or bfloat16 (bf16)", self.torch_dtype));
+        }
         if self.int8_group_size == Some(0) {
             return bad("int8_group_size", "must be at least 1".into());
         }
@@ -353,6 +361,23 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let line = before.matches('\n').count() + 1;
     let column = before.rfind('\n').map_or(before.len(), |i| before.len() - i - 1) + 1;
     (line, column)
+}
+
+impl TrainConfig {
+    /// Whether the frozen base's products run in bf16 (`torch_dtype`).
+    pub fn bf16(&self) -> bool {
+        narrow_bf16(&self.torch_dtype) == Some(true)
+    }
+}
+
+/// Whether a `torch_dtype` asks for bf16 products (`Some(true)`), f32 (`Some(false)`), or is
+/// not one this trainer knows (`None`).
+pub fn narrow_bf16(torch_dtype: &str) -> Option<bool> {
+    match torch_dtype {
+        "float32" | "fp32" | "f32" => Some(false),
+        "bfloat16" | "bf16" => Some(true),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -143,7 +143,13 @@ fn batch_name(kind: BenchBatches) -> &'static str {
 
 /// Runs `config`'s rounds, ours and theirs alternately.
 fn measure(args: &BenchArgs, reference: Option<&Reference>, config: Config) -> Result<Measured> {
-    let variants: &[&'static str] = if args.int8 && config.step.is_some() { &["f32", "int8"] } else { &["f32"] };
+    let mut variants = vec!["f32"];
+    if args.bf16 {
+        variants.push("bf16");
+    }
+    if args.int8 && config.step.is_some() {
+        variants.push("int8");
+    }
     let mut m = Measured { ours: variants.iter().map(|v| (*v, Vec::new())).collect(), theirs: Vec::new(), config };
     let label = m.config.label();
     for round in 0..args.rounds {
@@ -200,7 +206,8 @@ fn this_exe() -> Result<PathBuf> {
 /// One of our runs in a child process (`bench --only VARIANT`).
 fn ours(args: &BenchArgs, config: &Config, variant: &str) -> Result<Value> {
     let mut c = Command::new(this_exe()?);
-    let only = if config.step.is_some() { variant } else { "demo" };
+    let demo = if variant == "bf16" { "demo-bf16" } else { "demo" };
+    let only = if config.step.is_some() { variant } else { demo };
     c.args(["bench", "--only", only, "--steps", &args.steps.to_string(), "--warmup", &args.warmup.to_string()])
         .env("RAYON_NUM_THREADS", args.threads.to_string());
     match &config.step {

@@ -160,15 +160,18 @@ pub fn write_model(shape: &Shape, dir: &Path) -> Result<()> {
 /// `tokens_per_second` (non-padding tokens) and `peak_rss_mib` (VmHWM).
 pub fn child(args: &BenchArgs, only: &str) -> Result<()> {
     let v = match only {
-        "demo" => demo(args)?,
-        "f32" | "int8" => step(args, only == "int8")?,
-        other => anyhow::bail!("--only {other}: expected f32, int8 or demo"),
+        "demo" => demo(args, false)?,
+        "demo-bf16" => demo(args, true)?,
+        "f32" => step(args, Quantization::None)?,
+        "bf16" => step(args, Quantization::Bf16)?,
+        "int8" => step(args, Quantization::Int8 { group: None })?,
+        other => anyhow::bail!("--only {other}: expected f32, bf16, int8, demo or demo-bf16"),
     };
     println!("{v}");
     Ok(())
 }
 
-fn step(args: &BenchArgs, int8: bool) -> Result<Value> {
+fn step(args: &BenchArgs, quant: Quantization) -> Result<Value> {
     let workload = *args.workloads.first().context("--only needs --workload")?;
     let shape = shape(workload).context("--only f32/int8 needs a step workload (58m, 135m)")?;
     let dir = args.model.as_deref().context("--only needs --model")?;
@@ -179,7 +182,6 @@ fn step(args: &BenchArgs, int8: bool) -> Result<Value> {
     };
     anyhow::ensure!(args.batches != BenchBatches::Both, "--only needs --batches random or instruction");
     anyhow::ensure!(args.steps > 0, "--steps must be at least 1");
-    let quant = if int8 { Quantization::Int8 { group: None } } else { Quantization::None };
     let model = Arc::new(Llama::load_quantized(dir, DType::F32, &Device::Cpu, quant)?);
     let (r, alpha, dropout) = shape.lora;
     let lora = LoraConfig { r, lora_alpha: alpha, lora_dropout: dropout, ..LoraConfig::default() };
@@ -207,7 +209,7 @@ fn step(args: &BenchArgs, int8: bool) -> Result<Value> {
 
 /// The demo's training for `--demo-steps` steps (no evaluation, no checkpoints), timed from
 /// its metrics.jsonl: non-padding tokens of the steps after the warm-up over their step time.
-fn demo(args: &BenchArgs) -> Result<Value> {
+fn demo(args: &BenchArgs, bf16: bool) -> Result<Value> {
     let tmp = tempfile::tempdir()?;
     let out = tmp.path().join("out");
     let n = args.demo_steps.to_string();
@@ -228,6 +230,8 @@ fn demo(args: &BenchArgs) -> Result<Value> {
         "false",
         "--metrics-addr",
         "0",
+        "--torch_dtype",
+        if bf16 { "bf16" } else { "float32" },
     ])?;
     crate::train::run(cli.train)?;
     let text = std::fs::read_to_string(out.join("metrics.jsonl"))?;

@@ -119,6 +119,10 @@ pub struct BenchArgs {
     /// Also run ours with an int8 base model (compared with the same PyTorch f32 runs).
     #[arg(long)]
     pub int8: bool,
+    /// Also run ours with the base's products in bf16 (`--torch_dtype bf16`; compared with
+    /// the same PyTorch f32 runs).
+    #[arg(long)]
+    pub bf16: bool,
     /// PyTorch loads our random model instead of initialising its own, so that both sides'
     /// first-step losses must agree (a check that both train on the same thing; loading
     /// changes PyTorch's peak RSS).
@@ -127,7 +131,8 @@ pub struct BenchArgs {
     /// Print one JSON object instead of tables.
     #[arg(long)]
     pub json: bool,
-    /// Run one of our configurations in this process (`f32`, `int8` or `demo`; used by the
+    /// Run one of our configurations in this process (`f32`, `bf16`, `int8`, `demo` or
+    /// `demo-bf16`; used by the
     /// benchmark itself).
     #[arg(long, hide = true)]
     pub only: Option<String>,
@@ -148,6 +153,23 @@ pub struct DeviceArgs {
     /// Input features per int8 scale (default: one scale per output row).
     #[arg(long = "int8-group-size", alias = "int8_group_size")]
     pub int8_group_size: Option<usize>,
+    /// `float32`, or `bfloat16` (`bf16`): the frozen base's products in bf16 on the CPU.
+    #[arg(long = "torch-dtype", alias = "torch_dtype", default_value = "float32", value_parser = parse_torch_dtype)]
+    pub torch_dtype: String,
+}
+
+fn parse_torch_dtype(v: &str) -> Result<String, String> {
+    match lorafleet_common::config::narrow_bf16(v) {
+        Some(_) => Ok(v.to_owned()),
+        None => Err(format!("{v:?}: expected float32 or bfloat16 (bf16)")),
+    }
+}
+
+impl DeviceArgs {
+    /// Whether the base's products run in bf16.
+    pub fn bf16(&self) -> bool {
+        lorafleet_common::config::narrow_bf16(&self.torch_dtype) == Some(true)
+    }
 }
 
 /// `coordinator eval`.

@@ -109,6 +109,8 @@ train_flags! {
     /// Store the frozen block linears as int8.
     #[arg(num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
     load_in_8bit: bool = "load_in_8bit" | "load-in-8bit", plain;
+    /// `float32`, or `bfloat16` (`bf16`): the frozen base's products in bf16 on the CPU.
+    torch_dtype: String = "torch_dtype" | "torch-dtype", plain;
     /// Input features per int8 scale (default: one scale per output row).
     int8_group_size: usize = "int8_group_size" | "int8-group-size", some;
     /// Recompute blocks in the backward (less memory, ~30% more compute).

@@ -13,6 +13,7 @@
 //! kernels ([`fallback`]) until a fused kernel replaces it.
 #![deny(missing_docs)]
 
+mod bf16_linear;
 mod fallback;
 mod frozen_linear;
 pub mod fused;
@@ -24,6 +25,7 @@ mod masked_softmax;
 mod rms_norm;
 mod rope;
 
+pub use bf16_linear::Bf16Linear;
 pub use frozen_linear::{FrozenBias, FrozenLinear};
 pub use int8_linear::Int8Linear;
 pub use lm_head_loss::lm_head_cross_entropy;

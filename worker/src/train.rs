@@ -45,7 +45,7 @@ pub fn head_loss(model: &Llama, hidden: &Tensor, batch: &Batch) -> Result<(Tenso
 /// Which implementation computes a micro-batch's forward and backward.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Path {
-    /// The fused engine where it covers the model (f32, or int8 block linears, on the
+    /// The fused engine where it covers the model (f32, or bf16 or int8 block linears, on the
     /// CPU), else the reference.
     Engine,
     /// The reference model and candle's autograd (the engine's test oracle).

@@ -124,6 +124,23 @@ impl<'a> MatRef<'a> {
     pub fn cols(&self) -> usize {
         self.cols
     }
+
+    /// Distance between the elements of a row.
+    pub fn col_stride(&self) -> usize {
+        self.cs
+    }
+
+    /// Row `i` as a slice; the view's columns must be adjacent.
+    pub fn row(&self, i: usize) -> &'a [f32] {
+        assert!(
+            i < self.rows && (self.cs == 1 || self.cols <= 1),
+            "row {i} of a {}x{} view with column stride {}",
+            self.rows,
+            self.cols,
+            self.cs
+        );
+        &self.data[i * self.rs..i * self.rs + self.cols]
+    }
 }
 
 impl<'a> MatMut<'a> {
@@ -176,6 +193,32 @@ impl<'a> MatMut<'a> {
     /// A shorter-lived view of the same elements (to pass to [`matmul`] and keep this one).
     pub fn rb(&mut self) -> MatMut<'_> {
         MatMut { data: self.data, rows: self.rows, cols: self.cols, rs: self.rs, cs: self.cs }
+    }
+
+    /// Rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Distance between the starts of two rows.
+    pub fn row_stride(&self) -> usize {
+        self.rs
+    }
+
+    /// Distance between the elements of a row.
+    pub fn col_stride(&self) -> usize {
+        self.cs
+    }
+
+    /// The first element, for a kernel that writes inside the view (every element it
+    /// writes, `(i, j)` at `i·rs + j·cs`, lies inside the slice: the view was checked).
+    pub fn as_mut_ptr(&mut self) -> *mut f32 {
+        self.data.as_mut_ptr()
     }
 
     /// The same elements, read-only.

@@ -7,17 +7,21 @@
 //! module) wherever it is needed, in the same order as the keyed masks of the reference model
 //! (`worker::dropout`), so both paths drop the same elements.
 
+use super::bf16::{Bf16Scratch, Bf16Weight};
 use super::gemm::{matmul, MatMut, MatRef, Par};
 use candle_core::{Result, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-/// A frozen `[out, in]` weight as stored: full precision, or int8 (`load_in_8bit`).
+/// A frozen `[out, in]` weight as stored: full precision, bf16 (`torch_dtype = bf16`), or
+/// int8 (`load_in_8bit`).
 #[derive(Clone, Copy, Debug)]
 pub enum Weight<'a> {
     /// f32, row-major.
     F32(&'a [f32]),
+    /// bf16, packed for both products.
+    Bf16(Bf16Weight<'a>),
     /// `u8 = int8 + 128` row-major, with an f32 absmax scale per `group` inputs of each row
     /// (`[out, in / group]`), as [`crate::Int8Linear`] stores it.
     Int8 {
@@ -133,13 +137,14 @@ pub struct Adapter<'a> {
 }
 
 /// Reused buffers: `drop(x)`, the mask (backward only: drawn once, used twice), the r-wide
-/// `t = dY·B` and a dequantized tile of an int8 weight.
+/// `t = dY·B`, a dequantized tile of an int8 weight and the bf16 products' buffers.
 #[derive(Default)]
 pub struct Scratch {
     dropped: Vec<f32>,
     tile: Vec<f32>,
     mask: Vec<f32>,
     low: Vec<f32>,
+    narrow: Bf16Scratch,
 }
 
 fn sized(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
@@ -170,6 +175,7 @@ impl Frozen<'_> {
         let (k, n) = (self.inp, x.rows());
         match self.w {
             Weight::F32(w) => matmul(y, x, MatRef::new(w, self.out, k).t(), 1.0, false, Par::Pool),
+            Weight::Bf16(w) => w.forward(x, y, &mut scratch.narrow),
             Weight::Int8 { q, scales, group } => {
                 let rows = (TILE_ELEMS / k.max(1)).clamp(16, self.out.max(16));
                 for r0 in (0..self.out).step_by(rows) {
@@ -189,6 +195,7 @@ impl Frozen<'_> {
             Weight::F32(w) => {
                 matmul(MatMut::new(dx, n, k), dy, MatRef::new(w, self.out, k), 1.0, accumulate, Par::Pool)
             }
+            Weight::Bf16(w) => w.backward(dy, MatMut::new(dx, n, k), accumulate, &mut scratch.narrow),
             Weight::Int8 { q, scales, group } => {
                 let rows = (TILE_ELEMS / k.max(1)).clamp(16, self.out.max(16));
                 for r0 in (0..self.out).step_by(rows) {

@@ -10,6 +10,7 @@
 //!   result is the same for any thread count.
 
 pub mod attention;
+pub mod bf16;
 pub mod gemm;
 pub mod head_loss;
 pub mod lora_linear;

@@ -2,6 +2,7 @@
 //! bad input.
 
 mod bad_input;
+mod bf16;
 mod chat_template;
 mod checkpointing;
 mod engine;

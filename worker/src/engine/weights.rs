@@ -54,6 +54,8 @@ fn frozen_tensors(model: &Llama) -> Vec<&Tensor> {
         for l in &b.linears {
             match l {
                 BaseLinear::Dense(l) => out.extend(std::iter::once(l.weight()).chain(l.bias())),
+                // The packed weight is plain memory of the model, borrowed directly.
+                BaseLinear::Bf16(l) => out.extend(l.bias()),
                 BaseLinear::Int8(l) => {
                     let (q, scales, _) = l.quantized_parts();
                     out.extend([q, scales].into_iter().chain(l.bias()));
@@ -107,7 +109,7 @@ pub(crate) struct ModelWeights<'a> {
 
 impl<'a> ModelWeights<'a> {
     /// Slices of `held` (from [`hold_model`] on the same model), in its walk order.
-    pub(crate) fn new(model: &Llama, held: &'a [Held<'_>]) -> Self {
+    pub(crate) fn new(model: &'a Llama, held: &'a [Held<'_>]) -> Self {
         let mut it = held.iter();
         let mut next = || it.next().expect("hold_model walks the same tensors");
         let (embed, norm, head, cos, sin) =
@@ -127,6 +129,7 @@ impl<'a> ModelWeights<'a> {
                         let (inp, out) = crate::lora::module_shape(c, m);
                         let (w, has_bias) = match l {
                             BaseLinear::Dense(l) => (Weight::F32(next().slice()), l.bias().is_some()),
+                            BaseLinear::Bf16(l) => (Weight::Bf16(l.weight()), l.bias().is_some()),
                             BaseLinear::Int8(l) => {
                                 let group = l.quantized_parts().2;
                                 let (q, scales) = (next().bytes(), next().slice());
@@ -144,9 +147,31 @@ impl<'a> ModelWeights<'a> {
                         Frozen { w: Weight::F32(next().slice()), bias: None, out, inp }
                     })
                 });
+                // q, k, v and gate, up in LINEAR_MODULES order.
+                let [qkv, gate_up] = [(qkv, 0..3), (gate_up, 4..6)]
+                    .map(|(dense, range)| dense.or_else(|| shared_bf16(&b.linears[range])));
                 BlockWeights { norm1, norm2, lin, qkv, gate_up }
             })
             .collect();
         Self { embed, norm, head, cos, sin, blocks }
     }
+}
+
+/// The one pack that bf16 modules sharing an input (q|k|v, gate|up) are consecutive views
+/// of, as a single weight; `None` when they were packed apart (or are not bf16).
+fn shared_bf16(linears: &[BaseLinear]) -> Option<Frozen<'_>> {
+    let mut next_row = 0;
+    let mut pack = None;
+    for l in linears {
+        let BaseLinear::Bf16(l) = l else { return None };
+        let (p, r0) = l.packed();
+        if r0 != next_row || pack.is_some_and(|q| !std::sync::Arc::ptr_eq(q, p)) {
+            return None;
+        }
+        pack = Some(p);
+        next_row += l.dims().0;
+    }
+    let p = pack?;
+    let (out, inp) = p.dims();
+    (next_row == out).then(|| Frozen { w: Weight::Bf16(p.full()), bias: None, out, inp })
 }

@@ -74,6 +74,12 @@ impl Llama {
         let linear_device = match quantization {
             Quantization::None => device.clone(),
             Quantization::Int8 { .. } => Device::Cpu,
+            Quantization::Bf16 if !device.is_cpu() => {
+                return Err(Error::Invalid(
+                    "torch_dtype bf16 is the CPU's narrow compute; on a GPU the base already runs in bf16".into(),
+                ))
+            }
+            Quantization::Bf16 => Device::Cpu,
         };
         let load_linear = |name: &str, shape: &[usize]| files.load(name, Some(shape), dtype, &linear_device);
         if let Quantization::Int8 { group: Some(g) } = quantization {
@@ -119,11 +125,14 @@ impl Llama {
                     *slot = Some(cat);
                 }
             }
-            let linears = weights
-                .into_iter()
-                .zip(biases)
-                .map(|(w, b)| BaseLinear::new(w, b, quantization, device))
-                .collect::<Result<Vec<_>>>()?;
+            let linears = match quantization {
+                Quantization::Bf16 => bf16_linears(weights, biases)?,
+                _ => weights
+                    .into_iter()
+                    .zip(biases)
+                    .map(|(w, b)| BaseLinear::new(w, b, quantization, device))
+                    .collect::<Result<Vec<_>>>()?,
+            };
             blocks.push(Block {
                 index: i,
                 input_norm: RmsNorm::new(load(&format!("{p}.input_layernorm.weight"), &[h])?, c.rms_norm_eps)?,
@@ -285,4 +294,28 @@ impl Llama {
     pub fn new_cache(&self) -> Vec<LayerCache> {
         self.blocks.iter().map(|_| LayerCache::default()).collect()
     }
+}
+
+/// A block's seven linears in bf16. Modules that share an input (q|k|v, gate|up) share one
+/// pack of their concatenated weight, each a view of its rows, so the training engine runs
+/// one product per shared input as it does in f32; where a module's rows would not start a
+/// 16-row panel, every module is packed on its own.
+fn bf16_linears(weights: Vec<Tensor>, biases: Vec<Option<Tensor>>) -> Result<Vec<BaseLinear>> {
+    use lorafleet_kernels::Bf16Linear;
+    let mut out: Vec<Option<BaseLinear>> = vec![None; weights.len()];
+    let mut biases: Vec<Option<Option<Tensor>>> = biases.into_iter().map(Some).collect();
+    for range in [block::Q..block::O, block::O..block::GATE, block::GATE..block::DOWN, block::DOWN..block::DOWN + 1] {
+        let rows: Vec<usize> = weights[range.clone()].iter().map(|w| w.dims()[0]).collect();
+        let starts: Vec<usize> = rows.iter().scan(0, |r, &n| Some(std::mem::replace(r, *r + n))).collect();
+        let shared = starts.iter().all(|s| s.is_multiple_of(16));
+        let packed = if shared { Some(linear::pack_bf16(&Tensor::cat(&weights[range.clone()], 0)?)?) } else { None };
+        for (i, m) in range.enumerate() {
+            let bias = biases[m].take().flatten();
+            out[m] = Some(match &packed {
+                Some(p) => BaseLinear::Bf16(Bf16Linear::new(p.clone(), starts[i], rows[i], bias)?),
+                None => BaseLinear::new(weights[m].clone(), bias, Quantization::Bf16, &Device::Cpu)?,
+            });
+        }
+    }
+    Ok(out.into_iter().map(|l| l.expect("every module is in one range")).collect())
 }

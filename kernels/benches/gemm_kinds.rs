@@ -1,0 +1,83 @@
+//! The frozen base's products by kind (f32 through `gemm`, bf16 through the packed kernel)
+//! on the bench models' shapes, CPU, the pool's threads (RAYON_NUM_THREADS).
+//! `cargo bench -p lorafleet-kernels --bench gemm_kinds` prints one table of GFLOP/s.
+
+use lorafleet_kernels::fused::bf16::{kernels_available, Bf16Scratch, PackedBf16};
+use lorafleet_kernels::fused::gemm::{matmul, MatMut, MatRef, Par};
+use std::time::Instant;
+
+fn median_seconds(mut f: impl FnMut(), reps: usize) -> f64 {
+    f();
+    let mut t: Vec<f64> = (0..reps)
+        .map(|_| {
+            let s = Instant::now();
+            f();
+            s.elapsed().as_secs_f64()
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[t.len() / 2]
+}
+
+fn values(n: usize, seed: f32) -> Vec<f32> {
+    (0..n).map(|i| (i as f32 * 0.7311 + seed).sin()).collect()
+}
+
+fn main() {
+    println!("bf16 kernel: {}", if kernels_available() { "AVX512-BF16" } else { "f32 fallback" });
+    // (name, tokens, in, out): the 58M model's fused q|k|v, o, gate|up and down at 4 × 256
+    // tokens, the 135M model's at the same tokens, and the demo's at its 1250-token batches.
+    let shapes = [
+        ("58m qkv", 1024, 512, 1536),
+        ("58m gate|up", 1024, 512, 2752),
+        ("58m down", 1024, 1376, 512),
+        ("135m qkv", 1024, 576, 960),
+        ("135m gate|up", 1024, 576, 3072),
+        ("135m down", 1024, 1536, 576),
+    ];
+    println!(
+        "| product | tokens × in → out | f32 fwd | bf16 fwd | f32 bwd (dY·W) | bf16 bwd | fwd ratio | bwd ratio |"
+    );
+    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for (name, m, k, n) in shapes {
+        let w = values(n * k, 0.1);
+        let x = values(m * k, 0.2);
+        let dy = values(m * n, 0.3);
+        let packed = PackedBf16::new(&w, n, k);
+        let (mut y, mut dx, mut s) = (vec![0f32; m * n], vec![0f32; m * k], Bf16Scratch::default());
+        let flops = 2.0 * (m * k * n) as f64 / 1e9;
+        let reps = 9;
+        let f32_fwd = median_seconds(
+            || {
+                matmul(
+                    MatMut::new(&mut y, m, n),
+                    MatRef::new(&x, m, k),
+                    MatRef::new(&w, n, k).t(),
+                    1.0,
+                    false,
+                    Par::Pool,
+                )
+            },
+            reps,
+        );
+        let bf_fwd =
+            median_seconds(|| packed.full().forward(MatRef::new(&x, m, k), MatMut::new(&mut y, m, n), &mut s), reps);
+        let f32_bwd = median_seconds(
+            || matmul(MatMut::new(&mut dx, m, k), MatRef::new(&dy, m, n), MatRef::new(&w, n, k), 1.0, false, Par::Pool),
+            reps,
+        );
+        let bf_bwd = median_seconds(
+            || packed.full().backward(MatRef::new(&dy, m, n), MatMut::new(&mut dx, m, k), false, &mut s),
+            reps,
+        );
+        println!(
+            "| {name} | {m} × {k} → {n} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} |",
+            flops / f32_fwd,
+            flops / bf_fwd,
+            flops / f32_bwd,
+            flops / bf_bwd,
+            f32_fwd / bf_fwd,
+            f32_bwd / bf_bwd
+        );
+    }
+}
