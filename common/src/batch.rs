@@ -98,14 +98,24 @@ impl Batch {
     }
 
     /// Positions whose output is scored: `(row · seq_len + t, target)` for every `t` whose
-    /// next label is not ignored.
+    /// next label is not ignored and, in a packed row, belongs to the same sequence.
     pub fn scored_positions(&self) -> (Vec<u32>, Vec<u32>) {
         let mut positions = Vec::new();
         let mut targets = Vec::new();
         for r in 0..self.rows {
+            // Where each packed sequence ends: the next one's first label is not predicted.
+            let ends: Vec<usize> = self.packed.get(r).map_or_else(Vec::new, |lengths| {
+                lengths
+                    .iter()
+                    .scan(0, |at, &n| {
+                        *at += n as usize;
+                        Some(*at)
+                    })
+                    .collect()
+            });
             for t in 0..self.seq_len.saturating_sub(1) {
                 let label = self.labels[r * self.seq_len + t + 1];
-                if label != IGNORE_INDEX {
+                if label != IGNORE_INDEX && !ends.contains(&(t + 1)) {
                     positions.push((r * self.seq_len + t) as u32);
                     targets.push(label as u32);
                 }
@@ -116,10 +126,7 @@ impl Batch {
 
     /// Number of scored target tokens (the loss's denominator for this batch).
     pub fn target_tokens(&self) -> usize {
-        (0..self.rows)
-            .flat_map(|r| (1..self.seq_len).map(move |t| r * self.seq_len + t))
-            .filter(|&i| self.labels[i] != IGNORE_INDEX)
-            .count()
+        self.scored_positions().0.len()
     }
 }
 
@@ -139,5 +146,19 @@ mod tests {
         assert_eq!(positions, vec![1, 2, 8]);
         assert_eq!(targets, vec![6, 7, 9]);
         assert_eq!(b.target_tokens(), 3);
+    }
+
+    #[test]
+    fn packed_rows_score_nothing_across_a_boundary() {
+        use crate::data::Example;
+        let ex = |record, input_ids: Vec<u32>, labels: Vec<i64>| Example { record, input_ids, labels };
+        let (a, b) = (ex(4, vec![1, 5, 6], vec![-100, 5, 6]), ex(9, vec![1, 7], vec![1, 7]));
+        let p = Batch::from_packed_rows(&[vec![&a, &b], vec![&b]], 0);
+        assert_eq!((p.rows, p.seq_len, p.sequences(), p.example_ids.clone()), (2, 8, 3, vec![4, 9, 9]));
+        assert_eq!(p.packed, vec![vec![3, 2], vec![2]]);
+        // b's first label (1, at position 3) is not predicted from a's last token.
+        assert_eq!(p.scored_positions(), (vec![0, 1, 3, 8], vec![5, 6, 7, 7]));
+        assert_eq!(p.target_tokens(), 4);
+        assert_eq!(p.real_tokens(), 7);
     }
 }

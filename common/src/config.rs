@@ -103,6 +103,10 @@ pub struct TrainConfig {
     pub train_on_inputs: bool,
     /// Batch examples of similar length together.
     pub group_by_length: bool,
+    /// Sample packing: several examples per row of at most `cutoff_len` tokens, packed by
+    /// first-fit decreasing within shuffled windows (axolotl's multipack); `batch_size` and
+    /// `micro_batch_size` then count packed rows, not examples. Needs the training engine.
+    pub sample_packing: bool,
     /// `auto` (the model's chat template, else `alpaca`), `tokenizer` (the model's), `alpaca`,
     /// `alpaca_legacy`, `chatml`, `llama3`, or a template file.
     pub prompt_template_name: String,
@@ -184,6 +188,7 @@ impl Default for TrainConfig {
             init_lora_weights: "true".into(),
             train_on_inputs: false,
             group_by_length: false,
+            sample_packing: false,
             prompt_template_name: "alpaca".into(),
             warmup_steps: 100,
             lr_scheduler: "linear".into(),
@@ -342,6 +347,21 @@ impl TrainConfig {
         if self.int8_group_size == Some(0) {
             return bad("int8_group_size", "must be at least 1".into());
         }
+        if self.sample_packing && self.group_by_length {
+            return bad(
+                "sample_packing",
+                "and group_by_length both fight padding; choose one (packing leaves none)".into(),
+            );
+        }
+        if self.sample_packing && self.device != "cpu" {
+            return bad(
+                "sample_packing",
+                format!(
+                    "needs the training engine, which runs on device cpu (not {}); packed rows have no reference path",
+                    self.device
+                ),
+            );
+        }
         if self.logging_steps == 0 {
             return bad("logging_steps", "must be at least 1".into());
         }
@@ -431,6 +451,8 @@ mod tests {
             (TrainConfig { lora_dropout: 1.0, ..ok.clone() }, "lora_dropout"),
             (TrainConfig { prompt_template_name: "nope".into(), ..ok.clone() }, "prompt_template_name"),
             (TrainConfig { data_path: "/nonexistent".into(), ..ok.clone() }, "data_path"),
+            (TrainConfig { sample_packing: true, group_by_length: true, ..ok.clone() }, "sample_packing"),
+            (TrainConfig { sample_packing: true, device: "cuda".into(), ..ok.clone() }, "sample_packing"),
         ];
         for (c, field) in cases {
             let msg = c.validate(Path::new("run.toml")).unwrap_err().to_string();

@@ -130,6 +130,9 @@ train_flags! {
     /// Batch examples of similar length.
     #[arg(num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
     group_by_length: bool = "group_by_length" | "group-by-length", plain;
+    /// Pack several examples per row of at most cutoff_len tokens (batch sizes then count rows).
+    #[arg(num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    sample_packing: bool = "sample_packing" | "sample-packing", plain;
     /// `auto` (the model's chat template, else alpaca), `tokenizer`, `alpaca`, `alpaca_legacy`, `chatml`, `llama3` or a template file.
     prompt_template_name: String = "prompt_template_name" | "prompt-template-name", plain;
     /// Warm-up steps.

@@ -60,7 +60,7 @@ impl Executor {
                     tokens: stats.tokens,
                     grad_norm: stats.grad_norm,
                     local_tokens: micro_batches.iter().map(Batch::real_tokens).sum(),
-                    local_samples: micro_batches.iter().map(|b| b.rows as u64).sum(),
+                    local_samples: micro_batches.iter().map(|b| b.sequences() as u64).sum(),
                     seconds: PhaseSeconds { data, ..seconds },
                 })
             }

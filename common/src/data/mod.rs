@@ -2,6 +2,7 @@
 //! the seeded order in which examples become batches.
 
 pub mod chat_template;
+pub mod packing;
 pub mod records;
 pub mod schedule;
 mod sources;

@@ -6,7 +6,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 /// SplitMix64-style mixing of a few words into one seed.
-fn seed_of(words: &[u64]) -> u64 {
+pub(crate) fn seed_of(words: &[u64]) -> u64 {
     let mut h = 0x243F_6A88_85A3_08D3u64;
     for &w in words {
         h = (h ^ w).wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -56,6 +56,62 @@ pub fn epoch_order(
 /// Optimizer steps in one epoch of `n` examples: the last batch may be smaller, never dropped.
 pub fn steps_per_epoch(n: usize, batch_size: usize) -> usize {
     n.div_ceil(batch_size.max(1))
+}
+
+/// How many optimizer steps each epoch has: the same for every epoch (`steps_per_epoch`), or
+/// each epoch's own count (sample packing: an epoch's packs differ in number a little).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EpochSteps {
+    /// Every epoch has this many steps.
+    Uniform(u64),
+    /// Epoch `e` has `steps[e]` steps; should a step lie beyond them, epochs of the last
+    /// count follow.
+    Each(Vec<u64>),
+}
+
+impl EpochSteps {
+    /// The 0-based epoch of 1-based `step`, its 0-based index in that epoch, and the epoch's
+    /// number of steps.
+    pub fn locate(&self, step: u64) -> (u64, u64, u64) {
+        let mut left = step.saturating_sub(1);
+        let counts = match self {
+            Self::Uniform(n) => &[*n][..],
+            Self::Each(counts) => &counts[..],
+        };
+        let mut epoch = 0;
+        for &n in &counts[..counts.len().saturating_sub(1)] {
+            if left < n {
+                return (epoch, left, n);
+            }
+            left -= n;
+            epoch += 1;
+        }
+        let n = counts.last().copied().unwrap_or(1).max(1);
+        (epoch + left / n, left % n, n)
+    }
+
+    /// Epochs done after `step`, as a fraction (transformers' `epoch`).
+    pub fn epochs_done(&self, step: u64) -> f64 {
+        let (epoch, index, n) = self.locate(step);
+        epoch as f64 + (index + 1) as f64 / n as f64
+    }
+
+    /// Steps of the first `epochs` epochs.
+    pub fn total(&self, epochs: u64) -> u64 {
+        match self {
+            Self::Uniform(n) => n * epochs,
+            Self::Each(counts) => {
+                let listed = counts.len().min(epochs as usize);
+                let last = counts.last().copied().unwrap_or(1).max(1);
+                counts[..listed].iter().sum::<u64>() + (epochs - listed as u64) * last
+            }
+        }
+    }
+
+    /// The first epoch's steps.
+    pub fn first(&self) -> u64 {
+        self.locate(1).2
+    }
 }
 
 /// How one global batch is spread: `plan[rank][k]` is rank's k-th micro-batch. Every rank
@@ -127,5 +183,21 @@ mod tests {
         // One rank: the whole batch, longest first, in micro-batches.
         assert_eq!(spread(&[0, 1, 2, 3, 4], &lengths, 1, 2), vec![vec![vec![1, 4], vec![2, 3], vec![0]]]);
         assert_eq!(steps_per_epoch(1727, 16), 108);
+    }
+
+    #[test]
+    fn epoch_steps_locate_steps_in_uniform_and_listed_epochs() {
+        let u = EpochSteps::Uniform(3);
+        assert_eq!([1, 3, 4, 7].map(|s| u.locate(s)), [(0, 0, 3), (0, 2, 3), (1, 0, 3), (2, 0, 3)]);
+        assert_eq!((u.epochs_done(4), u.total(2), u.first()), (4.0 / 3.0, 6, 3));
+        let e = EpochSteps::Each(vec![2, 3]);
+        assert_eq!(
+            [1, 2, 3, 5, 6, 8].map(|s| e.locate(s)),
+            [(0, 0, 2), (0, 1, 2), (1, 0, 3), (1, 2, 3), (2, 0, 3), (2, 2, 3)]
+        );
+        assert_eq!(
+            (e.epochs_done(3), e.epochs_done(5), e.total(2), e.total(3), e.first()),
+            (1.0 + 1.0 / 3.0, 2.0, 5, 8, 2)
+        );
     }
 }

@@ -5,6 +5,10 @@ use super::{SavedState, WorkerId};
 use lorafleet_common::protocol::{Hash, Resources, StepReport, ToCoordinator};
 use std::ops::Range;
 
+/// One rank's share of a step: `micro_batches[k][row]` lists the examples of a row of its
+/// k-th micro-batch (one example, or with sample packing, a pack's).
+pub type MicroBatches = Vec<Vec<Vec<usize>>>;
+
 /// What the shell reports.
 #[derive(Debug)]
 pub enum Event {
@@ -66,7 +70,8 @@ pub enum Command {
         /// New generation.
         generation: u64,
     },
-    /// Train on these micro-batches of training-example indices.
+    /// Train on these micro-batches of rows of training-example indices (one example per
+    /// row, or with sample packing, a pack's).
     Step {
         /// The run's generation.
         generation: u64,
@@ -74,8 +79,8 @@ pub enum Command {
         step: u64,
         /// Learning rate.
         lr: f64,
-        /// This rank's micro-batches.
-        micro_batches: Vec<Vec<usize>>,
+        /// This rank's micro-batches: `micro_batches[k][row]` lists the examples of a row.
+        micro_batches: MicroBatches,
     },
     /// Eval loss over these eval examples.
     Eval(Range<usize>),

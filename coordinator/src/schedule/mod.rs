@@ -18,7 +18,7 @@ mod recovery;
 #[cfg(test)]
 mod tests;
 
-pub use messages::{Action, Command, Event, Stage};
+pub use messages::{Action, Command, Event, MicroBatches, Stage};
 pub use plan::{Plan, SavedState};
 
 use lorafleet_common::data::schedule::{epoch_order, spread};
@@ -355,7 +355,7 @@ impl Schedule {
                         .collect();
                     let took = self.now.duration_since(self.started);
                     self.slowest_step = Some(self.slowest_step.map_or(took, |t| t.max(took)));
-                    let epoch = step as f64 / self.plan.steps_per_epoch.max(1) as f64;
+                    let epoch = self.plan.epochs.epochs_done(step);
                     self.actions.push_back(Action::Stepped { epoch, lr: self.lr(step), reports });
                     self.after_step(step);
                 }
@@ -425,10 +425,24 @@ impl Schedule {
         lr::lr_at(kind, *peak, *warmup, self.plan.total_steps as usize, step as usize - 1)
     }
 
-    /// The global batch of `step` (1-based), spread over the ranks.
-    pub fn assignment(&mut self, step: u64) -> Vec<Vec<Vec<usize>>> {
-        let per_epoch = self.plan.steps_per_epoch.max(1);
-        let (epoch, index) = ((step - 1) / per_epoch, ((step - 1) % per_epoch) as usize);
+    /// The global batch of `step` (1-based), spread over the ranks: `plan[rank][k][row]`
+    /// lists the examples of a row of rank's k-th micro-batch. Without packing a row is one
+    /// example; with it, the units spread are the epoch's packs and a row is a pack.
+    pub fn assignment(&mut self, step: u64) -> Vec<MicroBatches> {
+        let (epoch, index, _) = self.plan.epochs.locate(step);
+        let (b, index) = (self.plan.batch_size, index as usize);
+        let (world, micro) = (self.plan.world, self.plan.micro_batch_size);
+        if let Some(packing) = &self.plan.packing {
+            let packs = packing.epochs.get(epoch as usize).map_or(&[][..], Vec::as_slice);
+            let global = packs.get(index * b..((index + 1) * b).min(packs.len())).unwrap_or(&[]);
+            let lengths: Vec<usize> =
+                global.iter().map(|pack| pack.iter().map(|&i| self.plan.train_lengths[i]).sum()).collect();
+            let units: Vec<usize> = (0..global.len()).collect();
+            return spread(&units, &lengths, world, micro)
+                .into_iter()
+                .map(|rank| rank.into_iter().map(|mb| mb.into_iter().map(|u| global[u].clone()).collect()).collect())
+                .collect();
+        }
         if self.order.as_ref().map(|(e, _)| *e) != Some(epoch) {
             let all: Vec<usize> = (0..self.plan.train_lengths.len()).collect();
             let p = &self.plan;
@@ -436,9 +450,11 @@ impl Schedule {
             self.order = Some((epoch, order));
         }
         let order = &self.order.as_ref().expect("set above").1;
-        let b = self.plan.batch_size;
         let global = order.get(index * b..((index + 1) * b).min(order.len())).unwrap_or(&[]);
-        spread(global, &self.plan.train_lengths, self.plan.world, self.plan.micro_batch_size)
+        spread(global, &self.plan.train_lengths, world, micro)
+            .into_iter()
+            .map(|rank| rank.into_iter().map(|mb| mb.into_iter().map(|i| vec![i]).collect()).collect())
+            .collect()
     }
 
     fn start_step(&mut self, step: u64) {

@@ -1,6 +1,8 @@
 //! What the schedule is told before the first event: the run's shape, and the states its
 //! ranks can be put back into.
 
+use lorafleet_common::data::packing::Packing;
+use lorafleet_common::data::schedule::EpochSteps;
 use lorafleet_common::protocol::Hash;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,18 +14,20 @@ pub struct Plan {
     pub world: usize,
     /// Optimizer steps in the run.
     pub total_steps: u64,
-    /// Optimizer steps per epoch.
-    pub steps_per_epoch: u64,
-    /// Examples per optimizer step (all ranks together).
+    /// Optimizer steps of each epoch.
+    pub epochs: EpochSteps,
+    /// Examples per optimizer step (all ranks together); with `packing`, packs.
     pub batch_size: usize,
-    /// Rows per micro-batch.
+    /// Rows per micro-batch: examples, or with `packing`, packs.
     pub micro_batch_size: usize,
     /// Data order seed.
     pub seed: u64,
     /// transformers' `group_by_length`.
     pub group_by_length: bool,
-    /// Token length of each training example (for length grouping).
+    /// Token length of each training example (for length grouping and the spread).
     pub train_lengths: Vec<usize>,
+    /// Sample packing: every epoch's packs, the units of the steps in place of examples.
+    pub packing: Option<Arc<Packing>>,
     /// Eval examples (0: no eval loss).
     pub eval_examples: usize,
     /// Exact-match pairs (0: no accuracy before/after).

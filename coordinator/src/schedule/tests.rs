@@ -3,6 +3,8 @@
 //! moves when the simulation says so.
 
 use super::*;
+use lorafleet_common::data::packing::Packing;
+use lorafleet_common::data::schedule::EpochSteps;
 use lorafleet_common::protocol::Resources;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -14,12 +16,13 @@ fn plan(world: usize) -> Plan {
     Plan {
         world,
         total_steps: 5,
-        steps_per_epoch: 3,
+        epochs: EpochSteps::Uniform(3),
         batch_size: 4,
         micro_batch_size: 1,
         seed: 7,
         group_by_length: false,
         train_lengths: vec![10; 10],
+        packing: None,
         eval_examples: 5,
         exact_pairs: 3,
         eval_steps: 2,
@@ -140,8 +143,8 @@ impl Sim {
                     loss: 1.0 / *step as f64,
                     tokens: 40,
                     grad_norm: 0.5,
-                    local_tokens: micro_batches.iter().flatten().count() as u64 * 10,
-                    local_samples: micro_batches.iter().flatten().count() as u64,
+                    local_tokens: micro_batches.iter().flatten().flatten().count() as u64 * 10,
+                    local_samples: micro_batches.iter().flatten().flatten().count() as u64,
                     seconds: Default::default(),
                 };
                 (2000, ToCoordinator::StepDone(report))
@@ -275,7 +278,7 @@ fn a_full_run_steps_evaluates_verifies_and_saves_on_time() {
             let expected = if step % 3 == 0 { 1 } else { 2 };
             assert_eq!(micro_batches.len(), expected, "step {step}");
             if *step <= 3 {
-                epoch0.extend(micro_batches.iter().flatten().copied());
+                epoch0.extend(micro_batches.iter().flatten().flatten().copied());
             }
         }
     }
@@ -294,6 +297,43 @@ fn lr_and_data_order_follow_the_plan() {
     // Step 4 is the first of epoch 1: a different permutation.
     assert_ne!(s.assignment(4), a);
     assert_eq!(s.lr(1), 0.0, "warm-up starts at 0 as transformers does");
+}
+
+#[test]
+fn packed_steps_spread_packs_and_each_packed_epoch_covers_every_example_once() {
+    // 30 examples of 3..=12 tokens in rows of 16: packs of 1 to 5 examples, 4 per step.
+    let lengths: Vec<usize> = (0..30).map(|i| 3 + (i * 7) % 10).collect();
+    let packing = Packing::new(&lengths, 16, 7, 4, 2, None);
+    let mut plan = plan(2);
+    plan.epochs = packing.epoch_steps();
+    plan.total_steps = plan.epochs.total(2);
+    (plan.train_lengths, plan.packing) = (lengths.clone(), Some(Arc::new(packing.clone())));
+    let mut s = Schedule::new(plan.clone());
+    let mut step = 1;
+    for packs in &packing.epochs {
+        let mut seen: Vec<usize> = Vec::new();
+        for _ in 0..packs.len().div_ceil(4) {
+            let ranks = s.assignment(step);
+            assert_eq!(ranks[0].len(), ranks[1].len(), "step {step}: the same number of micro-batches");
+            for rows in ranks.iter().flatten() {
+                assert!(rows.len() <= 1, "micro_batch_size 1 is one packed row");
+                for row in rows {
+                    assert!(packs.contains(row) && row.iter().map(|&i| lengths[i]).sum::<usize>() <= 16);
+                    seen.extend(row);
+                }
+            }
+            step += 1;
+        }
+        seen.sort_unstable();
+        assert_eq!(seen, (0..30).collect::<Vec<_>>());
+    }
+    // The simulated run trains every step and restores a resumed run to the same packs.
+    let mut sim = Sim::new(plan.clone());
+    sim.join(Duration::ZERO, Behaviour::default());
+    sim.join(Duration::ZERO, Behaviour::default());
+    sim.run();
+    assert!(sim.log.iter().any(|a| matches!(a, Action::Final { step, .. } if *step == plan.total_steps)));
+    assert_eq!(Schedule::new(plan).assignment(step - 1), s.assignment(step - 1));
 }
 
 #[test]
@@ -372,7 +412,7 @@ fn shards_cover_everything_once() {
 
 #[test]
 fn a_resumed_run_restores_every_rank_then_continues_after_the_checkpoint_with_the_same_batches() {
-    let sent_steps = |sim: &Sim| -> Vec<(u64, Vec<Vec<usize>>)> {
+    let sent_steps = |sim: &Sim| -> Vec<(u64, MicroBatches)> {
         let mut steps: Vec<_> = sim
             .sent
             .iter()
@@ -418,7 +458,7 @@ fn a_resumed_run_restores_every_rank_then_continues_after_the_checkpoint_with_th
 }
 
 /// Step commands sent to the worker now holding `rank` (by connection), per step, in order.
-fn steps_of(sim: &Sim, ids: &[WorkerId]) -> Vec<(u64, u64, Vec<Vec<usize>>)> {
+fn steps_of(sim: &Sim, ids: &[WorkerId]) -> Vec<(u64, u64, MicroBatches)> {
     sim.sent
         .iter()
         .filter_map(|(id, c)| match c {

@@ -11,6 +11,7 @@
 use crate::schedule::SavedState;
 use anyhow::{bail, Context, Result};
 use lorafleet_common::config::TrainConfig;
+use lorafleet_common::data::schedule::EpochSteps;
 use lorafleet_common::data::Example;
 use lorafleet_common::protocol::{hex, Hash};
 use lorafleet_common::run_checkpoint;
@@ -34,15 +35,19 @@ pub struct RunIdentity {
     pub tokenizer_digest: String,
     /// SHA-256 of every training example's token ids and labels, in order.
     pub data_digest: String,
-    /// Optimizer steps per epoch.
+    /// Optimizer steps per epoch (with sample packing, the first epoch's).
     pub steps_per_epoch: u64,
+    /// With sample packing, every epoch's steps: epochs differ a little in their number of
+    /// packs, and the data cursor (`epoch_index`, `step_in_epoch`) follows them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub epoch_steps: Vec<u64>,
     /// Optimizer steps in the run.
     pub max_steps: u64,
 }
 
 impl RunIdentity {
     /// The identity of a run training `train` on `(model, tokenizer)` digests.
-    pub fn new(digests: (Hash, Hash), train: &[Example], steps_per_epoch: u64, max_steps: u64) -> Self {
+    pub fn new(digests: (Hash, Hash), train: &[Example], epochs: &EpochSteps, max_steps: u64) -> Self {
         let mut h = Sha256::new();
         for e in train {
             h.update((e.input_ids.len() as u64).to_le_bytes());
@@ -53,8 +58,20 @@ impl RunIdentity {
             base_model_digest: hex(&digests.0),
             tokenizer_digest: hex(&digests.1),
             data_digest: hex(&h.finalize()),
-            steps_per_epoch,
+            steps_per_epoch: epochs.first(),
+            epoch_steps: match epochs {
+                EpochSteps::Uniform(_) => Vec::new(),
+                EpochSteps::Each(steps) => steps.clone(),
+            },
             max_steps,
+        }
+    }
+
+    /// Where each step lies in its epoch.
+    pub fn epochs(&self) -> EpochSteps {
+        match self.epoch_steps.is_empty() {
+            true => EpochSteps::Uniform(self.steps_per_epoch),
+            false => EpochSteps::Each(self.epoch_steps.clone()),
         }
     }
 }
@@ -95,12 +112,13 @@ pub struct Saved<'a> {
 
 /// Writes `checkpoint-STEP` and prunes beyond `save_total_limit` once it is complete.
 pub fn save(config: &TrainConfig, identity: &RunIdentity, saved: &Saved<'_>) -> Result<PathBuf> {
-    let per_epoch = identity.steps_per_epoch.max(1);
+    let epochs = identity.epochs();
+    let (epoch_index, index, _) = epochs.locate(saved.step);
     let state = TrainerState {
         global_step: saved.step,
-        epoch: saved.step as f64 / per_epoch as f64,
-        epoch_index: (saved.step - 1) / per_epoch,
-        step_in_epoch: (saved.step - 1) % per_epoch + 1,
+        epoch: epochs.epochs_done(saved.step),
+        epoch_index,
+        step_in_epoch: index + 1,
         world_size: config.workers,
         state_digest: hex(&saved.digest),
         identity: identity.clone(),
@@ -218,6 +236,10 @@ fn differences(state: &TrainerState, config: &TrainConfig, identity: &RunIdentit
         if a != b {
             out.push(format!("{what}: checkpoint {a}, now {b}"));
         }
+    }
+    if theirs.epoch_steps != identity.epoch_steps {
+        let (a, b) = (&theirs.epoch_steps, &identity.epoch_steps);
+        out.push(format!("steps of each packed epoch: checkpoint {a:?}, now {b:?}"));
     }
     let (Ok(serde_json::Value::Object(old)), Ok(serde_json::Value::Object(new))) =
         (serde_json::to_value(&state.config), serde_json::to_value(config))

@@ -17,7 +17,8 @@ use crate::metrics::Metrics;
 use crate::schedule::{Plan, Schedule};
 use crate::train_args::TrainFlags;
 use anyhow::{Context, Result};
-use lorafleet_common::data::schedule::steps_per_epoch;
+use lorafleet_common::data::packing::Packing;
+use lorafleet_common::data::schedule::{steps_per_epoch, EpochSteps};
 use sink::Sink;
 use std::path::Path;
 use std::sync::Arc;
@@ -36,16 +37,27 @@ pub fn run(flags: TrainFlags) -> Result<()> {
     } else if flags.demo {
         eprintln!("training the embedded demo ({}) with the flags given on top", origin.display());
     }
-    let prepared = data::prepare(&config)?;
+    if config.sample_packing && lorafleet_worker::train::Path::from_env() == lorafleet_worker::train::Path::Reference {
+        anyhow::bail!("sample_packing needs the training engine, and LORAFLEET_ENGINE=reference asks for the reference path, which cannot train packed rows");
+    }
+    let mut prepared = data::prepare(&config)?;
     std::fs::create_dir_all(&config.output_dir).with_context(|| format!("creating {}", config.output_dir.display()))?;
     let distributed = config.workers > 1 || flags.launch.listen.is_some();
-    let per_epoch = steps_per_epoch(prepared.train.len(), config.batch_size) as u64;
-    let total = config.max_steps.map_or(per_epoch * config.num_epochs as u64, |m| m as u64);
+    let train_lengths: Vec<usize> = prepared.train.iter().map(|e| e.input_ids.len()).collect();
+    let packing = config.sample_packing.then(|| {
+        let max_steps = config.max_steps.map(|m| m as u64);
+        Packing::new(&train_lengths, config.cutoff_len, config.seed, config.batch_size, config.num_epochs, max_steps)
+    });
+    let epochs = packing.as_ref().map_or(
+        EpochSteps::Uniform(steps_per_epoch(prepared.train.len(), config.batch_size) as u64),
+        Packing::epoch_steps,
+    );
+    let total = config.max_steps.map_or(epochs.total(config.num_epochs as u64), |m| m as u64);
     let digests = (
         lorafleet_worker::identity::model_digest(&config.base_model)?,
         lorafleet_worker::identity::tokenizer_digest(&config.base_model)?,
     );
-    let identity = checkpoint::RunIdentity::new(digests, &prepared.train, per_epoch, total);
+    let identity = checkpoint::RunIdentity::new(digests, &prepared.train, &epochs, total);
     let resume = match &flags.resume_from_checkpoint {
         Some(spec) => {
             let r = checkpoint::resume(spec, &config, &identity, |w| eprintln!("{w}"))?;
@@ -57,12 +69,13 @@ pub fn run(flags: TrainFlags) -> Result<()> {
     let plan = Plan {
         world: config.workers,
         total_steps: total,
-        steps_per_epoch: per_epoch,
+        epochs: epochs.clone(),
         batch_size: config.batch_size,
         micro_batch_size: config.micro_batch_size,
         seed: config.seed,
         group_by_length: config.group_by_length,
-        train_lengths: prepared.train.iter().map(|e| e.input_ids.len()).collect(),
+        packing: packing.map(Arc::new),
+        train_lengths,
         eval_examples: prepared.eval.len(),
         exact_pairs: prepared.exact_pairs.len(),
         eval_steps: config.eval_steps as u64,
@@ -75,8 +88,23 @@ pub fn run(flags: TrainFlags) -> Result<()> {
         min_workers: flags.launch.min_workers,
         step_timeout: flags.launch.step_timeout.filter(|&s| s > 0).map(Duration::from_secs),
     };
+    let (units, per_epoch) = match &plan.packing {
+        Some(p) => {
+            let fill = 100.0 * p.fill(&plan.train_lengths, config.cutoff_len);
+            let packs = p.epochs.first().map_or(0, Vec::len);
+            eprintln!(
+                "sample packing: {packs} rows of at most {} tokens in epoch 1, {fill:.1}% filled",
+                config.cutoff_len
+            );
+            let packs: Vec<usize> = p.epochs.iter().map(Vec::len).collect();
+            prepared.data_report["packing"] = serde_json::json!({"rows_per_epoch": packs, "fill": fill / 100.0});
+            let EpochSteps::Each(steps) = &epochs else { unreachable!("packed epochs list their steps") };
+            ("packed rows", format!("{steps:?} per epoch"))
+        }
+        None => ("examples", format!("{} per epoch", epochs.first())),
+    };
     eprintln!(
-        "training LoRA on {} examples: {total} steps ({per_epoch} per epoch), batch {} = {} worker(s) x {} x {} micro-batches",
+        "training LoRA on {} examples: {total} steps ({per_epoch}), batch {} {units} = {} worker(s) x {} x {} micro-batches",
         prepared.train.len(),
         config.batch_size,
         config.workers,
@@ -91,6 +119,7 @@ pub fn run(flags: TrainFlags) -> Result<()> {
             .unwrap_or_else(|| lorafleet_common::protocol::hex(&rand::random::<[u8; 6]>())),
         config_toml: config.to_toml(),
         pad: prepared.tokenizer.pad_id,
+        sample_packing: config.sample_packing,
         train: prepared.train,
         eval: prepared.eval,
         pairs: prepared.exact_pairs,

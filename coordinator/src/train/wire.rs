@@ -21,6 +21,9 @@ pub struct Wire {
     pub pairs: Vec<(String, String)>,
     /// Padding id.
     pub pad: u32,
+    /// Sample packing: a step's rows are packs (`Batch::from_packed_rows`), else one example
+    /// each. Eval batches are never packed.
+    pub sample_packing: bool,
     /// Rows per eval batch.
     pub micro: usize,
     /// Generation budget for exact match.
@@ -53,10 +56,7 @@ impl Wire {
                 generation,
                 step,
                 lr,
-                micro_batches: micro_batches
-                    .iter()
-                    .map(|ids| Batch::from_examples(ids.iter().map(|&i| &self.train[i]), self.pad))
-                    .collect(),
+                micro_batches: micro_batches.iter().map(|rows| self.train_batch(rows)).collect(),
             },
             Command::Eval(range) => ToWorker::Eval {
                 batches: self.eval[range]
@@ -77,6 +77,16 @@ impl Wire {
                 optimizer: state.optimizer.to_vec(),
             },
             Command::Shutdown(reason) => ToWorker::Shutdown { reason },
+        }
+    }
+
+    /// A training micro-batch of `rows` (each a list of example indices).
+    fn train_batch(&self, rows: &[Vec<usize>]) -> Batch {
+        if self.sample_packing {
+            let rows: Vec<Vec<&Example>> = rows.iter().map(|r| r.iter().map(|&i| &self.train[i]).collect()).collect();
+            Batch::from_packed_rows(&rows, self.pad)
+        } else {
+            Batch::from_examples(rows.iter().flatten().map(|&i| &self.train[i]), self.pad)
         }
     }
 }

@@ -6,6 +6,7 @@ mod demo;
 mod distributed;
 mod eval;
 mod generate;
+mod packing;
 mod prometheus;
 mod recovery;
 mod resume;

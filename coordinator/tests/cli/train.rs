@@ -96,6 +96,7 @@ fn alpaca_lora_flags_kebab_case_and_toml_make_one_config() {
         "--train_on_inputs",
         "--group-by-length",
         "true",
+        "--sample_packing",
         "--print-config",
     ]);
     let c: toml::Value = toml::from_str(&out).unwrap();
@@ -105,6 +106,7 @@ fn alpaca_lora_flags_kebab_case_and_toml_make_one_config() {
     assert_eq!(c["lora_target_modules"], toml::Value::Array(vec!["q_proj".into(), "k_proj".into()]));
     assert_eq!(c["train_on_inputs"].as_bool(), Some(true));
     assert_eq!(c["group_by_length"].as_bool(), Some(true));
+    assert_eq!(c["sample_packing"].as_bool(), Some(true));
     assert_eq!(c["batch_size"].as_integer(), Some(128), "alpaca-lora's default");
 }
 
