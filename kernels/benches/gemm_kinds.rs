@@ -4,20 +4,9 @@
 
 use lorafleet_kernels::fused::bf16::{kernels_available, Bf16Scratch, PackedBf16};
 use lorafleet_kernels::fused::gemm::{matmul, MatMut, MatRef, Par};
-use std::time::Instant;
 
-fn median_seconds(mut f: impl FnMut(), reps: usize) -> f64 {
-    f();
-    let mut t: Vec<f64> = (0..reps)
-        .map(|_| {
-            let s = Instant::now();
-            f();
-            s.elapsed().as_secs_f64()
-        })
-        .collect();
-    t.sort_by(f64::total_cmp);
-    t[t.len() / 2]
-}
+mod common;
+use common::median_seconds;
 
 fn values(n: usize, seed: f32) -> Vec<f32> {
     (0..n).map(|i| (i as f32 * 0.7311 + seed).sin()).collect()

@@ -4,20 +4,9 @@
 
 use candle_core::{Device, Tensor, Var};
 use lorafleet_kernels::{FrozenLinear, Int8Linear};
-use std::time::Instant;
 
-fn median_seconds(mut f: impl FnMut(), reps: usize) -> f64 {
-    f();
-    let mut t: Vec<f64> = (0..reps)
-        .map(|_| {
-            let s = Instant::now();
-            f();
-            s.elapsed().as_secs_f64()
-        })
-        .collect();
-    t.sort_by(f64::total_cmp);
-    t[t.len() / 2]
-}
+mod common;
+use common::median_seconds;
 
 fn main() {
     let dev = Device::Cpu;

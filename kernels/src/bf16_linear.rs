@@ -55,22 +55,8 @@ impl Bf16Linear {
 
     /// Applies the layer to `x` `[..., in]` (f32 on the CPU).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (n, k) = self.dims();
-        let dims = x.dims().to_vec();
-        let Some((&k_in, lead)) = dims.split_last() else { bail!("bf16 linear: scalar input") };
-        if k_in != k {
-            bail!("bf16 linear: input has {k_in} features, weight expects {k}");
-        }
-        let m: usize = lead.iter().product();
-        let x2 = crate::dense(&x.reshape((m, k))?)?;
-        let y = x2.apply_op1(Bf16Matmul { layer: self.clone(), transpose: true })?;
-        let mut out_dims = lead.to_vec();
-        out_dims.push(n);
-        let y = y.reshape(out_dims)?;
-        match &self.bias {
-            Some(b) => b.forward(&y),
-            None => Ok(y),
-        }
+        let op = Bf16Matmul { layer: self.clone(), transpose: true };
+        crate::frozen_linear::apply_to_rows("bf16 linear", x, self.dims(), op, self.bias.as_ref())
     }
 }
 

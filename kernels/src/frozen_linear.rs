@@ -45,6 +45,32 @@ impl FrozenLinear {
     }
 }
 
+/// `x·Wᵀ (+ b)` for `x` `[..., in]` through `op`, a 2-D product of a frozen `[out, in]`
+/// weight: flattens the leading dimensions, applies `op` to the dense `[m, in]` rows and
+/// restores them (`what` names the layer in errors).
+pub(crate) fn apply_to_rows<C: CustomOp1 + Send + Sync + 'static>(
+    what: &str,
+    x: &Tensor,
+    (out, inp): (usize, usize),
+    op: C,
+    bias: Option<&FrozenBias>,
+) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let Some((&k_in, lead)) = dims.split_last() else { bail!("{what}: scalar input") };
+    if k_in != inp {
+        bail!("{what}: input has {k_in} features, weight expects {inp}");
+    }
+    let m: usize = lead.iter().product();
+    let y = crate::dense(&x.reshape((m, inp))?)?.apply_op1(op)?;
+    let mut out_dims = lead.to_vec();
+    out_dims.push(out);
+    let y = y.reshape(out_dims)?;
+    match bias {
+        Some(b) => b.forward(&y),
+        None => Ok(y),
+    }
+}
+
 /// `y = x + b` with a frozen `b` over the last dimension; the gradient passes through to x.
 #[derive(Clone)]
 pub struct FrozenBias {

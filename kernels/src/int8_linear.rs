@@ -98,22 +98,8 @@ impl Int8Linear {
 
     /// Applies the layer to `x` `[..., in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (n, k) = self.dims();
-        let dims = x.dims().to_vec();
-        let Some((&k_in, lead)) = dims.split_last() else { bail!("int8 linear: scalar input") };
-        if k_in != k {
-            bail!("int8 linear: input has {k_in} features, weight expects {k}");
-        }
-        let m: usize = lead.iter().product();
-        let x2 = crate::dense(&x.reshape((m, k))?)?;
-        let y = x2.apply_op1(Int8Matmul { w: self.weights.clone(), transpose: true })?;
-        let mut out_dims = lead.to_vec();
-        out_dims.push(n);
-        let y = y.reshape(out_dims)?;
-        match &self.bias {
-            Some(b) => b.forward(&y),
-            None => Ok(y),
-        }
+        let op = Int8Matmul { w: self.weights.clone(), transpose: true };
+        crate::frozen_linear::apply_to_rows("int8 linear", x, self.dims(), op, self.bias.as_ref())
     }
 }
 
