@@ -6,6 +6,8 @@
 //! with s_jg = absmax_jg / 127, so |Δy_j| ≤ Σ_k |x_k| · s_jg(k) / 2 ≤ ‖x‖₁ · absmax_j / 254.
 
 use crate::fallback::via_tensor_ops;
+use crate::fused::gemm::{MatMut, MatRef};
+use crate::fused::int8::{self, Int8Scratch, Int8Weight, PackedInt8};
 use crate::FrozenBias;
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Storage, Tensor};
 use std::sync::Arc;
@@ -27,6 +29,8 @@ struct Weights {
     /// `[out, groups]` f32 scales.
     scales: Tensor,
     group: usize,
+    /// The same values packed for the int8 micro-kernel (CPU, one scale per row).
+    packed: Option<PackedInt8>,
 }
 
 /// A frozen int8 linear layer (gradient to the input only).
@@ -59,10 +63,13 @@ impl Int8Linear {
                 }
             }
         }
+        // Packed on the CPU for per-row scales, the format the micro-kernel rescales by.
+        let packed = (device.is_cpu() && groups == 1).then(|| PackedInt8::new(&q, &scales, n, k));
         let weights = Weights {
             q: Tensor::from_vec(q, (n, k), device)?,
             scales: Tensor::from_vec(scales, (n, groups), device)?,
             group,
+            packed,
         };
         let bias = bias.map(|b| FrozenBias::new(b.to_device(device)?, n)).transpose()?;
         Ok(Self { weights: Arc::new(weights), bias })
@@ -78,6 +85,13 @@ impl Int8Linear {
     /// group]`) and the group size, for the training engine's tiled bodies.
     pub fn quantized_parts(&self) -> (&Tensor, &Tensor, usize) {
         (&self.weights.q, &self.weights.scales, self.weights.group)
+    }
+
+    /// The weight packed for the int8 micro-kernel, when products take it: on a CPU with
+    /// AVX512-VNNI, unless `LORAFLEET_NARROW=f32`, with one scale per row (a grouped or GPU
+    /// weight takes the dequantize-and-f32 path).
+    pub fn packed(&self) -> Option<Int8Weight<'_>> {
+        self.weights.packed()
     }
 
     /// The frozen bias `[out]`, if any.
@@ -104,6 +118,11 @@ impl Int8Linear {
 }
 
 impl Weights {
+    /// The packed weight, when the micro-kernel runs (see [`Int8Linear::packed`]).
+    fn packed(&self) -> Option<Int8Weight<'_>> {
+        self.packed.as_ref().filter(|_| int8::kernels_available()).map(PackedInt8::full)
+    }
+
     /// Rows `r0..r0+rows` of W dequantized to `dtype`, by tensor ops (any device).
     fn tile(&self, r0: usize, rows: usize, dtype: DType) -> Result<Tensor> {
         let k = self.q.dims()[1];
@@ -151,6 +170,21 @@ struct Int8Matmul {
 }
 
 impl Int8Matmul {
+    /// The CPU body through the int8 micro-kernel: the training engine's products.
+    fn vnni(&self, x: &[f32], m: usize, w: Int8Weight<'_>) -> Vec<f32> {
+        let (n, k) = w.dims();
+        let mut scratch = Int8Scratch::default();
+        if self.transpose {
+            let mut y = vec![0f32; m * n];
+            w.forward(MatRef::new(x, m, k), MatMut::new(&mut y, m, n), &mut scratch);
+            y
+        } else {
+            let mut y = vec![0f32; m * k];
+            w.backward(MatRef::new(x, m, n), MatMut::new(&mut y, m, k), false, &mut scratch);
+            y
+        }
+    }
+
     /// The same product by tensor ops, one tile of W at a time (any device and dtype).
     fn by_tiles(&self, x: &Tensor) -> Result<Tensor> {
         let k = self.w.q.dims()[1];
@@ -253,7 +287,10 @@ impl CustomOp1 for Int8Matmul {
             (CpuStorage::F32(x), Device::Cpu) => {
                 let m = l.dims()[0];
                 let x = &x[l.start_offset()..l.start_offset() + l.shape().elem_count()];
-                let out = self.cpu_f32(x, m)?;
+                let out = match self.w.packed() {
+                    Some(w) => self.vnni(x, m, w),
+                    None => self.cpu_f32(x, m)?,
+                };
                 Ok((CpuStorage::F32(out), Shape::from((m, if self.transpose { n } else { k }))))
             }
             _ => via_tensor_ops(s, l, |x| self.by_tiles(x)),

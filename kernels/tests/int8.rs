@@ -1,7 +1,10 @@
 //! The int8 linear op: quantization within its derived bound, the tiled CPU body equal to a
 //! dense reference on the dequantized weight, and the backward against finite differences.
+//! These are the dequantize-and-f32 path's (every test here forces it; the int8 kernel, which
+//! also quantizes the activations, is `fused_int8.rs`'s).
 
 use candle_core::{DType, Device, Tensor, Var};
+use lorafleet_kernels::fused::narrow::force_fallback;
 use lorafleet_kernels::Int8Linear;
 use rand::{Rng, SeedableRng};
 
@@ -19,6 +22,7 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
 
 #[test]
 fn quantization_error_is_within_half_a_step() {
+    force_fallback(true);
     // 150 output rows: two full tiles of 64 and a partial one.
     let w = random(&[150, 96], 1, 0.5);
     for group in [None, Some(32)] {
@@ -37,6 +41,7 @@ fn quantization_error_is_within_half_a_step() {
 
 #[test]
 fn forward_equals_dense_on_dequantized_weights_and_stays_within_the_bound() {
+    force_fallback(true);
     let w = random(&[150, 96], 2, 0.5);
     let b = random(&[150], 3, 0.1);
     let x = random(&[2, 5, 96], 4, 1.0);
@@ -64,6 +69,7 @@ fn forward_equals_dense_on_dequantized_weights_and_stays_within_the_bound() {
 
 #[test]
 fn backward_matches_finite_differences_and_leaves_the_weight_alone() {
+    force_fallback(true);
     let w = random(&[70, 24], 5, 0.5);
     let lin = Int8Linear::quantize(&w, Some(8), None, &Device::Cpu).unwrap();
     // f64 inputs take the tensor-op body; f32 inputs the tiled gemm body. Both are checked.
@@ -104,6 +110,7 @@ fn group_size_must_divide_the_input() {
 
 #[test]
 fn several_tiles_give_the_same_product_as_one() {
+    force_fallback(true);
     // 2^20 elements per tile: a 65536-wide layer is cut into tiles of 16 rows (3 tiles here).
     let w = random(&[40, 65536], 9, 0.5);
     let lin = Int8Linear::quantize(&w, None, None, &Device::Cpu).unwrap();

@@ -19,12 +19,9 @@
 //! result is deterministic.
 
 use super::gemm::{matmul, MatMut, MatRef, Par};
+use super::narrow::PANEL;
 use half::bf16;
 use rayon::prelude::*;
-use std::sync::atomic::{AtomicU8, Ordering};
-
-/// Output columns per panel (one 512-bit vector of f32).
-const PANEL: usize = 16;
 
 /// One packed operand `B` (`k × n`) of `C = A·B`: panels of 16 columns, pairs of k.
 #[derive(Debug, Default)]
@@ -219,47 +216,25 @@ struct BRef<'a> {
     pairs: usize,
 }
 
-const AUTO: u8 = 0;
-const FAST: u8 = 1;
-const FALLBACK: u8 = 2;
-static MODE: AtomicU8 = AtomicU8::new(AUTO);
-
 /// Whether the bf16 micro-kernel runs: the CPU has AVX512-BF16 and `LORAFLEET_NARROW=f32`
 /// (or [`force_fallback`]) does not ask for the f32 fallback.
 pub fn kernels_available() -> bool {
-    let mut mode = MODE.load(Ordering::Relaxed);
-    if mode == AUTO {
-        let forced = std::env::var_os("LORAFLEET_NARROW").is_some_and(|v| v == "f32");
-        mode = if !forced && kernel::detected() { FAST } else { FALLBACK };
-        MODE.store(mode, Ordering::Relaxed);
-    }
-    mode == FAST
+    !super::narrow::forced() && kernel::detected()
 }
 
-/// Makes later products use the f32 fallback (`true`) or the CPU's best (`false`),
-/// whatever `LORAFLEET_NARROW` says: for tests and benchmarks.
-pub fn force_fallback(on: bool) {
-    MODE.store(if on || !kernel::detected() { FALLBACK } else { FAST }, Ordering::Relaxed);
-}
+pub use super::narrow::force_fallback;
 
 #[cfg(target_arch = "x86_64")]
 mod kernel {
     //! The AVX512-BF16 micro-kernel and its driver.
 
-    use super::{BRef, PANEL};
+    use super::BRef;
     use crate::fused::gemm::MatMut;
-    use rayon::prelude::*;
+    use crate::fused::narrow::{for_each_micro_tile, lanes, SharedOut, MR, PANEL};
     use std::arch::x86_64::*;
 
-    /// Rows of C per micro-tile.
-    const MR: usize = 8;
-    /// Panels (of 16 columns) per micro-tile: 8 × 3 accumulators, 3 B vectors and one
-    /// broadcast fit in the 32 vector registers.
-    const NP: usize = 3;
-    /// Rows and columns of C per task, and pairs of k per pass (an A block of 64 × 256
-    /// bf16 and a B block of 256 × 192 stay in L2).
-    const MC: usize = 64;
-    const NC: usize = NP * PANEL * 4;
+    /// Pairs of k per pass: an A block of 64 × 256 bf16 and a B block of 256 × 192 stay
+    /// in L2.
     const KC: usize = 128;
 
     pub(super) fn detected() -> bool {
@@ -294,55 +269,29 @@ mod kernel {
         }
     }
 
-    /// A pointer that may cross to the pool's threads (each writes its own tiles of C).
-    #[derive(Clone, Copy)]
-    struct Out(*mut f32);
-    // SAFETY: tasks write disjoint tiles of C (see `gemm`).
-    unsafe impl Send for Out {}
-    unsafe impl Sync for Out {}
-
-    impl Out {
-        /// The pointer (a method, so that closures capture the `Sync` wrapper, not the field).
-        fn at(&self, offset: usize) -> *mut f32 {
-            self.0.wrapping_add(offset)
-        }
-    }
-
     /// `C (+)= A·B`: `c` `m × n` with unit column stride, `a` `m × (2·pairs)` bf16 rows
-    /// `lda` apart, `b` packed. Splits C into `MC × NC` tasks for the pool.
+    /// `lda` apart, `b` packed.
     pub(super) fn gemm(mut c: MatMut<'_>, a: &[u16], lda: usize, b: BRef<'_>, accumulate: bool) {
         let (m, n, ldc) = (c.rows(), c.cols(), c.row_stride());
         assert!(c.col_stride() == 1 && a.len() >= m * lda && lda >= 2 * b.pairs);
-        let panels = n.div_ceil(PANEL);
-        assert!((b.panel0 + panels) * b.stride <= b.data.len() && (b.pair0 + b.pairs) * PANEL * 2 <= b.stride);
+        assert!(
+            (b.panel0 + n.div_ceil(PANEL)) * b.stride <= b.data.len() && (b.pair0 + b.pairs) * PANEL * 2 <= b.stride
+        );
         assert!(detected(), "bf16 kernel without AVX512-BF16");
-        let out = Out(c.as_mut_ptr());
-        let (tm, tn) = (m.div_ceil(MC), n.div_ceil(NC));
-        (0..tm * tn).into_par_iter().for_each(|t| {
-            let (i0, j0) = ((t / tn) * MC, (t % tn) * NC);
-            let (mi, nj) = (MC.min(m - i0), NC.min(n - j0));
-            for k0 in (0..b.pairs).step_by(KC) {
-                let kp = KC.min(b.pairs - k0);
-                let load = accumulate || k0 > 0;
-                for jj in (0..nj).step_by(NP * PANEL) {
-                    let cols = (NP * PANEL).min(nj - jj);
-                    let panel = b.panel0 + (j0 + jj) / PANEL;
-                    // SAFETY: the asserts above bound every panel and pair read; row
-                    // pointers stay inside `a`'s m rows; C's tile (rows i0.., columns
-                    // j0 + jj..) lies inside the m × n view and belongs to this task only.
-                    unsafe {
-                        let bp = b.data.as_ptr().add(panel * b.stride + (b.pair0 + k0) * PANEL * 2);
-                        for ii in (0..mi).step_by(MR) {
-                            let rows = MR.min(mi - ii);
-                            let ap = a.as_ptr().add((i0 + ii) * lda + 2 * k0);
-                            let cp = out.at((i0 + ii) * ldc + j0 + jj);
-                            match cols.div_ceil(PANEL) {
-                                3 => tile::<3>(ap, lda, rows, bp, b.stride, kp, cp, ldc, cols, load),
-                                2 => tile::<2>(ap, lda, rows, bp, b.stride, kp, cp, ldc, cols, load),
-                                _ => tile::<1>(ap, lda, rows, bp, b.stride, kp, cp, ldc, cols, load),
-                            }
-                        }
-                    }
+        let out = SharedOut(c.as_mut_ptr());
+        for_each_micro_tile(m, n, b.pairs, KC, |t| {
+            let load = accumulate || t.k0 > 0;
+            // SAFETY: the asserts above bound every panel and pair read; row pointers stay
+            // inside `a`'s m rows; the tile lies inside the m × n view of C and is this
+            // task's only.
+            unsafe {
+                let bp = b.data.as_ptr().add((b.panel0 + t.j / PANEL) * b.stride + (b.pair0 + t.k0) * PANEL * 2);
+                let ap = a.as_ptr().add(t.i * lda + 2 * t.k0);
+                let cp = out.at(t.i * ldc + t.j);
+                match t.panels() {
+                    3 => tile::<3>(ap, lda, t.rows, bp, b.stride, t.kn, cp, ldc, t.cols, load),
+                    2 => tile::<2>(ap, lda, t.rows, bp, b.stride, t.kn, cp, ldc, t.cols, load),
+                    _ => tile::<1>(ap, lda, t.rows, bp, b.stride, t.kn, cp, ldc, t.cols, load),
                 }
             }
         });
@@ -385,7 +334,7 @@ mod kernel {
                 if valid == 0 {
                     break;
                 }
-                let mask: __mmask16 = if valid == PANEL { 0xFFFF } else { (1u16 << valid) - 1 };
+                let mask: __mmask16 = lanes(valid);
                 // SAFETY: the masked lanes are columns of this tile inside C.
                 unsafe {
                     let dst = c.add(i * ldc + q * PANEL);

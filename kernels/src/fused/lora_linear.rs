@@ -9,6 +9,7 @@
 
 use super::bf16::{Bf16Scratch, Bf16Weight};
 use super::gemm::{matmul, MatMut, MatRef, Par};
+use super::int8::{Int8Scratch, Int8Weight};
 use candle_core::{Result, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -22,6 +23,9 @@ pub enum Weight<'a> {
     F32(&'a [f32]),
     /// bf16, packed for both products.
     Bf16(Bf16Weight<'a>),
+    /// int8 with one scale per row, packed for the CPU's int8 dot product (activations
+    /// quantized per token, outlier columns in f32).
+    Int8Packed(Int8Weight<'a>),
     /// `u8 = int8 + 128` row-major, with an f32 absmax scale per `group` inputs of each row
     /// (`[out, in / group]`), as [`crate::Int8Linear`] stores it.
     Int8 {
@@ -137,7 +141,7 @@ pub struct Adapter<'a> {
 }
 
 /// Reused buffers: `drop(x)`, the mask (backward only: drawn once, used twice), the r-wide
-/// `t = dY·B`, a dequantized tile of an int8 weight and the bf16 products' buffers.
+/// `t = dY·B`, a dequantized tile of an int8 weight and the bf16 and int8 products' buffers.
 #[derive(Default)]
 pub struct Scratch {
     dropped: Vec<f32>,
@@ -145,6 +149,7 @@ pub struct Scratch {
     mask: Vec<f32>,
     low: Vec<f32>,
     narrow: Bf16Scratch,
+    int8: Int8Scratch,
 }
 
 fn sized(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
@@ -176,6 +181,7 @@ impl Frozen<'_> {
         match self.w {
             Weight::F32(w) => matmul(y, x, MatRef::new(w, self.out, k).t(), 1.0, false, Par::Pool),
             Weight::Bf16(w) => w.forward(x, y, &mut scratch.narrow),
+            Weight::Int8Packed(w) => w.forward(x, y, &mut scratch.int8),
             Weight::Int8 { q, scales, group } => {
                 let rows = (TILE_ELEMS / k.max(1)).clamp(16, self.out.max(16));
                 for r0 in (0..self.out).step_by(rows) {
@@ -196,6 +202,7 @@ impl Frozen<'_> {
                 matmul(MatMut::new(dx, n, k), dy, MatRef::new(w, self.out, k), 1.0, accumulate, Par::Pool)
             }
             Weight::Bf16(w) => w.backward(dy, MatMut::new(dx, n, k), accumulate, &mut scratch.narrow),
+            Weight::Int8Packed(w) => w.backward(dy, MatMut::new(dx, n, k), accumulate, &mut scratch.int8),
             Weight::Int8 { q, scales, group } => {
                 let rows = (TILE_ELEMS / k.max(1)).clamp(16, self.out.max(16));
                 for r0 in (0..self.out).step_by(rows) {

@@ -25,11 +25,16 @@ fn step(m: &Llama, a: &LoraAdapter, batches: &[Batch], path: Path, checkpointing
 }
 
 fn assert_same(m: &Llama, a: &LoraAdapter, batches: &[Batch], what: &str) {
+    assert_close(m, a, batches, what, (1e-6, 1e-5));
+}
+
+/// [`assert_same`] within `(loss, gradient)` relative tolerances.
+fn assert_close(m: &Llama, a: &LoraAdapter, batches: &[Batch], what: &str, (loss_tol, grad_tol): (f64, f64)) {
     let (ref_loss, ref_grads) = step(m, a, batches, Path::Reference, false);
     for checkpointing in [false, true] {
         let (loss, grads) = step(m, a, batches, Path::Engine, checkpointing);
         let d = ((loss - ref_loss) / ref_loss).abs();
-        assert!(d <= 1e-6, "{what} (checkpointing {checkpointing}): loss {loss} vs {ref_loss}");
+        assert!(d <= loss_tol, "{what} (checkpointing {checkpointing}): loss {loss} vs {ref_loss}");
         for ((name, _), (g, r)) in a.named_vars().iter().zip(grads.iter().zip(&ref_grads)) {
             let d = rel_norm_diff(g, r);
             if std::env::var("SHOW").is_ok() {
@@ -38,7 +43,7 @@ fn assert_same(m: &Llama, a: &LoraAdapter, batches: &[Batch], what: &str) {
                     ((loss - ref_loss) / ref_loss).abs()
                 );
             }
-            assert!(d <= 1e-5, "{what} (checkpointing {checkpointing}): {name} differs by {d}");
+            assert!(d <= grad_tol, "{what} (checkpointing {checkpointing}): {name} differs by {d}");
             assert!(r.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0, "{what}: {name} is zero");
         }
     }
@@ -99,7 +104,15 @@ fn engine_equals_reference_with_an_int8_base() {
             LoraConfig { target_modules: TargetModules::AllLinear, lora_dropout: 0.1, ..LoraConfig::default() };
         let a = LoraAdapter::init(config, m.config(), 5, &Device::Cpu).unwrap();
         randomised(&a);
-        assert_same(&m, &a, &uneven_batches(512), &format!("int8 group {group:?}"));
+        // Through the int8 kernel (one scale per row, a CPU with VNNI) the activations are
+        // quantized per token, and the two paths' inputs differ in the last bits (padded
+        // graph, unpadded engine): where one sits on a rounding boundary its int8 value
+        // differs by one step. Measured over 35 random adapters: most runs agree to 1e-7
+        // (loss) and 1e-6 (gradients); the runs with such a flip to at most 4.6e-5 and 7.7e-3.
+        // The dequantizing path (groups) has no such step and keeps the tight bounds.
+        let kernel = group.is_none() && lorafleet_kernels::fused::int8::kernels_available();
+        let tol = if kernel { (2e-4, 3e-2) } else { (1e-6, 1e-5) };
+        assert_close(&m, &a, &uneven_batches(512), &format!("int8 group {group:?}"), tol);
     }
 }
 

@@ -36,7 +36,11 @@ fn int8_base_stays_close_to_f32_and_trains() {
     let a = load_adapter(&tiny_llama().join("lora-peft"), int8.config(), &Device::Cpu).unwrap();
     for ((name, _), gi) in a.named_vars().iter().zip(&g) {
         let d = rel_norm_diff(gi, &r[&format!("grad.{name}")]);
-        // Measured: 5-6% on this random-weight model (logits 2.6%, loss 1e-4 relative).
+        // Measured on this random-weight model (initializer range 0.2, activations far wider
+        // than a pretrained model's): through the int8 kernel (activations quantized per
+        // token) logits 3.9%, loss 9.6e-4, gradients 6.8-12.5% (12.5% with an f32 backward
+        // too: the error is the forward's); dequantized with f32 activations
+        // (LORAFLEET_NARROW=f32) 2.6%, 1e-4, 4.4-7.0%.
         assert!(d < 0.15, "{name}: int8 gradient off by {d}");
     }
 }

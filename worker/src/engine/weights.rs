@@ -133,7 +133,8 @@ impl<'a> ModelWeights<'a> {
                             BaseLinear::Int8(l) => {
                                 let group = l.quantized_parts().2;
                                 let (q, scales) = (next().bytes(), next().slice());
-                                (Weight::Int8 { q, scales, group }, l.bias().is_some())
+                                let w = l.packed().map_or(Weight::Int8 { q, scales, group }, Weight::Int8Packed);
+                                (w, l.bias().is_some())
                             }
                         };
                         let bias = has_bias.then(|| next().slice());
