@@ -55,7 +55,8 @@ fn on_off(b: bool) -> &'static str {
     }
 }
 
-/// A configuration's runs: ours per variant (`f32`, `int8`) and theirs, one entry per round.
+/// A configuration's runs: ours per variant (`f32`, `bf16`, `int8`, `int8+bf16`) and theirs,
+/// one entry per round.
 struct Measured {
     config: Config,
     ours: Vec<(&'static str, Vec<Value>)>,
@@ -147,8 +148,12 @@ fn measure(args: &BenchArgs, reference: Option<&Reference>, config: Config) -> R
     if args.bf16 {
         variants.push("bf16");
     }
-    if args.int8 && config.step.is_some() {
+    if args.int8 {
         variants.push("int8");
+    }
+    if args.int8 && args.bf16 {
+        // int8 block linears with a bf16 torch_dtype: the head's products in bf16 too.
+        variants.push("int8+bf16");
     }
     let mut m = Measured { ours: variants.iter().map(|v| (*v, Vec::new())).collect(), theirs: Vec::new(), config };
     let label = m.config.label();
@@ -206,8 +211,8 @@ fn this_exe() -> Result<PathBuf> {
 /// One of our runs in a child process (`bench --only VARIANT`).
 fn ours(args: &BenchArgs, config: &Config, variant: &str) -> Result<Value> {
     let mut c = Command::new(this_exe()?);
-    let demo = if variant == "bf16" { "demo-bf16" } else { "demo" };
-    let only = if config.step.is_some() { variant } else { demo };
+    let demo = if variant == "f32" { "demo".to_string() } else { format!("demo-{variant}") };
+    let only = if config.step.is_some() { variant } else { &demo };
     c.args(["bench", "--only", only, "--steps", &args.steps.to_string(), "--warmup", &args.warmup.to_string()])
         .env("RAYON_NUM_THREADS", args.threads.to_string());
     match &config.step {

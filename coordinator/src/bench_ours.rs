@@ -1,7 +1,7 @@
 //! Our side of `coordinator bench`: the workloads' shapes and batches (the single source both
 //! sides train on: the PyTorch script reads the same config.json and the same batch file),
 //! the random-weight model folders, and the child processes that time one configuration
-//! (`bench --only f32|int8|demo`) and print one JSON line with their tokens/s and peak RSS.
+//! (`bench --only [demo-]f32|bf16|int8|int8+bf16`) and print one JSON line with their tokens/s and peak RSS.
 
 use crate::cli::{BenchArgs, BenchBatches, BenchWorkload, OffOnBoth};
 use anyhow::{Context, Result};
@@ -9,9 +9,8 @@ use candle_core::{DType, Device, Tensor};
 use lorafleet_common::{Batch, LoraConfig, IGNORE_INDEX};
 use lorafleet_worker::adamw::AdamWConfig;
 use lorafleet_worker::collective::SingleRank;
-use lorafleet_worker::model::Quantization;
 use lorafleet_worker::replica::Replica;
-use lorafleet_worker::{Llama, LoraAdapter};
+use lorafleet_worker::LoraAdapter;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use std::path::Path;
@@ -156,22 +155,28 @@ pub fn write_model(shape: &Shape, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `bench --only f32|int8|demo`: one of our runs, in this process; prints one JSON line with
+/// `bench --only [demo-]VARIANT` (`demo` alone: f32): one of our runs, in this process; prints one JSON line with
 /// `tokens_per_second` (non-padding tokens) and `peak_rss_mib` (VmHWM).
 pub fn child(args: &BenchArgs, only: &str) -> Result<()> {
-    let v = match only {
-        "demo" => demo(args, false)?,
-        "demo-bf16" => demo(args, true)?,
-        "f32" => step(args, Quantization::None)?,
-        "bf16" => step(args, Quantization::Bf16)?,
-        "int8" => step(args, Quantization::Int8 { group: None })?,
-        other => anyhow::bail!("--only {other}: expected f32, bf16, int8, demo or demo-bf16"),
+    let (is_demo, variant) = match only.strip_prefix("demo") {
+        Some(rest) => (true, rest.strip_prefix('-').unwrap_or("f32")),
+        None => (false, only),
     };
+    let (int8, bf16) = match variant {
+        "f32" => (false, false),
+        "bf16" => (false, true),
+        "int8" => (true, false),
+        "int8+bf16" => (true, true),
+        _ => anyhow::bail!("--only {only}: expected f32, bf16, int8 or int8+bf16, optionally after demo-"),
+    };
+    let v = if is_demo { demo(args, int8, bf16)? } else { step(args, int8, bf16)? };
     println!("{v}");
     Ok(())
 }
 
-fn step(args: &BenchArgs, quant: Quantization) -> Result<Value> {
+/// Steps of a bench model with int8 block linears (`load_in_8bit`) and/or bf16 products
+/// (`torch_dtype = bf16`: the block linears unless int8, and the head).
+fn step(args: &BenchArgs, int8: bool, bf16: bool) -> Result<Value> {
     let workload = *args.workloads.first().context("--only needs --workload")?;
     let shape = shape(workload).context("--only f32/int8 needs a step workload (58m, 135m)")?;
     let dir = args.model.as_deref().context("--only needs --model")?;
@@ -182,7 +187,7 @@ fn step(args: &BenchArgs, quant: Quantization) -> Result<Value> {
     };
     anyhow::ensure!(args.batches != BenchBatches::Both, "--only needs --batches random or instruction");
     anyhow::ensure!(args.steps > 0, "--steps must be at least 1");
-    let model = Arc::new(Llama::load_quantized(dir, DType::F32, &Device::Cpu, quant)?);
+    let model = Arc::new(lorafleet_worker::device::load_model(dir, &Device::Cpu, int8, None, bf16)?);
     let (r, alpha, dropout) = shape.lora;
     let lora = LoraConfig { r, lora_alpha: alpha, lora_dropout: dropout, ..LoraConfig::default() };
     let adapter = LoraAdapter::init(lora, model.config(), 0, &Device::Cpu)?;
@@ -209,11 +214,11 @@ fn step(args: &BenchArgs, quant: Quantization) -> Result<Value> {
 
 /// The demo's training for `--demo-steps` steps (no evaluation, no checkpoints), timed from
 /// its metrics.jsonl: non-padding tokens of the steps after the warm-up over their step time.
-fn demo(args: &BenchArgs, bf16: bool) -> Result<Value> {
+fn demo(args: &BenchArgs, int8: bool, bf16: bool) -> Result<Value> {
     let tmp = tempfile::tempdir()?;
     let out = tmp.path().join("out");
     let n = args.demo_steps.to_string();
-    let cli = <crate::cli::Cli as clap::Parser>::try_parse_from([
+    let mut argv = vec![
         "coordinator",
         "--demo",
         "--output_dir",
@@ -232,7 +237,11 @@ fn demo(args: &BenchArgs, bf16: bool) -> Result<Value> {
         "0",
         "--torch_dtype",
         if bf16 { "bf16" } else { "float32" },
-    ])?;
+    ];
+    if int8 {
+        argv.push("--load_in_8bit");
+    }
+    let cli = <crate::cli::Cli as clap::Parser>::try_parse_from(argv)?;
     crate::train::run(cli.train)?;
     let text = std::fs::read_to_string(out.join("metrics.jsonl"))?;
     let train: Vec<Value> =

@@ -116,7 +116,9 @@ pub struct BenchArgs {
     /// OMP/MKL_NUM_THREADS for PyTorch).
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
-    /// Also run ours with an int8 base model (compared with the same PyTorch f32 runs).
+    /// Also run ours with an int8 base model (`--load_in_8bit`; compared with the same
+    /// PyTorch f32 runs). With `--bf16` too, also int8 block linears beside a bf16 head
+    /// (`int8+bf16`).
     #[arg(long)]
     pub int8: bool,
     /// Also run ours with the base's products in bf16 (`--torch_dtype bf16`; compared with

@@ -53,6 +53,12 @@ impl Bf16Linear {
         self.bias.as_ref().map(FrozenBias::values)
     }
 
+    /// `dy·W` for `dy` `[m, out]` (f32 on the CPU): the product the layer's backward takes,
+    /// for a caller that forms the output gradient itself (the head's fused loss).
+    pub fn input_grad(&self, dy: &Tensor) -> Result<Tensor> {
+        crate::dense(dy)?.apply_op1(Bf16Matmul { layer: self.clone(), transpose: false })
+    }
+
     /// Applies the layer to `x` `[..., in]` (f32 on the CPU).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let op = Bf16Matmul { layer: self.clone(), transpose: true };

@@ -28,7 +28,7 @@ mod rope;
 pub use bf16_linear::Bf16Linear;
 pub use frozen_linear::{FrozenBias, FrozenLinear};
 pub use int8_linear::Int8Linear;
-pub use lm_head_loss::lm_head_cross_entropy;
+pub use lm_head_loss::{lm_head_cross_entropy, lm_head_cross_entropy_bf16};
 pub use masked_softmax::masked_softmax;
 pub use rms_norm::RmsNorm;
 pub use rope::Rope;

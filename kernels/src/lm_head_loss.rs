@@ -7,6 +7,7 @@
 //! and recomputes them in the backward, so the head costs a few tens of MB whatever the batch.
 
 use crate::fallback::via_tensor_ops;
+use crate::Bf16Linear;
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
 
 /// Bytes of f32 logits per chunk.
@@ -15,21 +16,54 @@ const CHUNK_BYTES: usize = 8 << 20;
 /// Per-row loss `[rows]` of hidden states `[rows, hidden]` through the frozen head `weight`
 /// `[vocab, hidden]` against `targets`. The gradient flows to the hidden states only.
 pub fn lm_head_cross_entropy(hidden: &Tensor, weight: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    cross_entropy(hidden, HeadWeight::Dense(weight.detach()), weight.dims2()?, targets)
+}
+
+/// [`lm_head_cross_entropy`] through a bf16 head (`torch_dtype = bf16`): both products with
+/// bf16 operands and f32 accumulation, the training engine's.
+pub fn lm_head_cross_entropy_bf16(hidden: &Tensor, head: &Bf16Linear, targets: &[u32]) -> Result<Tensor> {
+    cross_entropy(hidden, HeadWeight::Bf16(head.clone()), head.dims(), targets)
+}
+
+fn cross_entropy(hidden: &Tensor, head: HeadWeight, (vocab, hw): (usize, usize), targets: &[u32]) -> Result<Tensor> {
     let (rows, h) = hidden.dims2()?;
-    let (vocab, hw) = weight.dims2()?;
     if h != hw || targets.len() != rows {
-        bail!("lm head loss: hidden {:?}, weight {:?}, {} targets", hidden.dims(), weight.dims(), targets.len());
+        bail!("lm head loss: hidden {:?}, weight [{vocab}, {hw}], {} targets", hidden.dims(), targets.len());
     }
     if let Some(bad) = targets.iter().find(|&&t| t as usize >= vocab) {
         bail!("lm head loss: target id {bad} outside a vocabulary of {vocab}");
     }
     let chunk = (CHUNK_BYTES / (4 * vocab)).max(1);
-    let op = LmHeadLoss { weight: weight.detach(), targets: targets.to_vec(), chunk };
+    let op = LmHeadLoss { head, targets: targets.to_vec(), chunk };
     crate::dense(hidden)?.apply_op1(op)
 }
 
+/// The head as the op holds it.
+enum HeadWeight {
+    Dense(Tensor),
+    Bf16(Bf16Linear),
+}
+
+impl HeadWeight {
+    /// `h·Wᵀ`.
+    fn logits(&self, h: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense(w) => h.matmul(&w.t()?),
+            Self::Bf16(l) => l.forward(h),
+        }
+    }
+
+    /// `dz·W`.
+    fn input_grad(&self, dz: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense(w) => dz.matmul(w),
+            Self::Bf16(l) => l.input_grad(dz),
+        }
+    }
+}
+
 struct LmHeadLoss {
-    weight: Tensor,
+    head: HeadWeight,
     targets: Vec<u32>,
     chunk: usize,
 }
@@ -37,7 +71,7 @@ struct LmHeadLoss {
 impl LmHeadLoss {
     /// f32 logits and the target column of rows `r0..r0+n`.
     fn chunk_logits(&self, h: &Tensor, r0: usize, n: usize) -> Result<(Tensor, Tensor)> {
-        let logits = h.narrow(0, r0, n)?.matmul(&self.weight.t()?)?.to_dtype(DType::F32)?;
+        let logits = self.head.logits(&h.narrow(0, r0, n)?)?.to_dtype(DType::F32)?;
         let idx = Tensor::from_slice(&self.targets[r0..r0 + n], (n, 1), h.device())?;
         Ok((logits, idx))
     }
@@ -85,7 +119,7 @@ impl CustomOp1 for LmHeadLoss {
             let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
             let minus_one = Tensor::full(-1f32, (n, 1), h.device())?;
             let dz = p.scatter_add(&idx, &minus_one, 1)?.broadcast_mul(&g.narrow(0, r0, n)?.unsqueeze(1)?)?;
-            parts.push(dz.to_dtype(h.dtype())?.matmul(&self.weight)?);
+            parts.push(self.head.input_grad(&dz.to_dtype(h.dtype())?)?);
         }
         Ok(Some(Tensor::cat(&parts, 0)?))
     }

@@ -3,6 +3,7 @@
 use half::bf16;
 use lorafleet_kernels::fused::bf16::{force_fallback, kernels_available, Bf16Scratch, PackedBf16};
 use lorafleet_kernels::fused::gemm::{matmul, MatMut, MatRef, Par};
+use lorafleet_kernels::fused::head_loss::{self, Head, HeadScratch};
 
 fn values(n: usize, seed: f32) -> Vec<f32> {
     (0..n).map(|i| ((i as f32 * 0.7311 + seed).sin() * 1.7).powi(3)).collect()
@@ -94,4 +95,25 @@ fn views_must_start_a_panel() {
     assert!(packed.rows(48, 17).is_none());
     assert!(packed.rows(48, 16).is_some());
     assert_eq!(packed.bytes(), 2 * 2 * 64 * 16, "two bf16 copies of an aligned weight");
+}
+
+#[test]
+fn the_bf16_head_matches_the_f32_head_on_bf16_operands() {
+    // Hidden states and weights that bf16 holds exactly: the logits are then the f32 head's
+    // up to accumulation order; dh rounds the softmax gradient to bf16 (8 bits).
+    let (n, vocab, d) = (40, 1000, 48);
+    let h = rounded(&values(n * d, 0.5));
+    let w = rounded(&values(vocab * d, 0.9).iter().map(|v| v * 0.2).collect::<Vec<_>>());
+    let targets: Vec<u32> = (0..n as u32).map(|i| (i * 37) % vocab as u32).collect();
+    let packed = PackedBf16::new(&w, vocab, d);
+    let run = |head: Head<'_>| {
+        let mut dh = vec![f32::NAN; n * d];
+        let loss = head_loss::forward_backward(&h, head, vocab, &targets, Some(&mut dh), &mut HeadScratch::default());
+        (loss, dh)
+    };
+    let (want_loss, want_dh) = run(Head::F32(&w));
+    let (loss, dh) = run(Head::Bf16(packed.full()));
+    assert!(((loss - want_loss) / want_loss).abs() < 1e-6, "loss {loss} vs {want_loss}");
+    let e = rel_err(&dh, &want_dh);
+    assert!(e < 1e-2, "dh off by {e}");
 }

@@ -4,6 +4,7 @@
 //! must be identical), at odd sizes including a single row.
 
 use candle_core::{DType, Device, Tensor, Var};
+use lorafleet_kernels::fused::head_loss::{Head, HeadScratch};
 use lorafleet_kernels::fused::{head_loss, rms_norm, rope, swiglu};
 use rand::{Rng, SeedableRng};
 
@@ -204,15 +205,18 @@ fn head_loss_matches_reference_and_autograd_across_chunks() {
             targets[n - 1] = 0;
         }
         let (loss, dh) = same_on_1_and_2_threads(|| {
-            let (mut dh, mut scratch) = (vec![f32::NAN; n * d], Vec::new());
-            let loss = head_loss::forward_backward(&h, &w, vocab, &targets, Some(&mut dh), &mut scratch);
+            let (mut dh, mut scratch) = (vec![f32::NAN; n * d], HeadScratch::default());
+            let loss = head_loss::forward_backward(&h, Head::F32(&w), vocab, &targets, Some(&mut dh), &mut scratch);
             // A second call reuses the scratch without growing it and gives the same result.
-            let len = scratch.len();
+            let len = scratch.logit_values();
             let mut dh2 = vec![f32::NAN; n * d];
-            assert_eq!(head_loss::forward_backward(&h, &w, vocab, &targets, Some(&mut dh2), &mut scratch), loss);
+            assert_eq!(
+                head_loss::forward_backward(&h, Head::F32(&w), vocab, &targets, Some(&mut dh2), &mut scratch),
+                loss
+            );
             // The loss alone (evaluation) is the same sum.
-            assert_eq!(head_loss::forward_backward(&h, &w, vocab, &targets, None, &mut scratch), loss);
-            assert_eq!((dh2 == dh, scratch.len()), (true, len));
+            assert_eq!(head_loss::forward_backward(&h, Head::F32(&w), vocab, &targets, None, &mut scratch), loss);
+            assert_eq!((dh2 == dh, scratch.logit_values()), (true, len));
             (loss, dh)
         });
         let (h64, w64) = (tensor(&h, &[n, d], DType::F64), tensor(&w, &[vocab, d], DType::F64));
@@ -230,6 +234,6 @@ fn head_loss_matches_reference_and_autograd_across_chunks() {
 #[test]
 #[should_panic(expected = "outside a vocabulary")]
 fn head_loss_refuses_a_target_outside_the_vocabulary() {
-    let (mut dh, mut scratch) = (vec![0f32; 4], Vec::new());
-    head_loss::forward_backward(&[1.0; 4], &[1.0; 6], 3, &[1, 3], Some(&mut dh), &mut scratch);
+    let (mut dh, mut scratch) = (vec![0f32; 4], HeadScratch::default());
+    head_loss::forward_backward(&[1.0; 4], Head::F32(&[1.0; 6]), 3, &[1, 3], Some(&mut dh), &mut scratch);
 }

@@ -5,6 +5,7 @@
 //! One test in its own binary, because the choice is process-wide.
 
 use lorafleet_kernels::fused::attention::{self, AttentionShape};
+use lorafleet_kernels::fused::head_loss::{Head, HeadScratch};
 use lorafleet_kernels::fused::lora_linear::Dropout;
 use lorafleet_kernels::fused::{head_loss, rms_norm, rope, simd, swiglu};
 use rand::{Rng, SeedableRng};
@@ -57,8 +58,8 @@ fn all_outputs() -> Vec<Vec<f32>> {
     let targets: Vec<u32> = (0..n as u32).map(|i| (i * 7) % vocab as u32).collect();
     let head = random(vocab * h, 12);
     let mut dh = vec![0f32; n * h];
-    let mut scratch = Vec::new();
-    let loss = head_loss::forward_backward(&x, &head, vocab, &targets, Some(&mut dh), &mut scratch);
+    let mut scratch = HeadScratch::default();
+    let loss = head_loss::forward_backward(&x, Head::F32(&head), vocab, &targets, Some(&mut dh), &mut scratch);
     out.extend([vec![loss as f32, (loss - f64::from(loss as f32)) as f32], dh]);
     out
 }

@@ -37,12 +37,17 @@ pub fn compute_dtype(device: &Device) -> DType {
 }
 
 /// Loads a base model on `device` in its compute dtype, int8 when asked, else with bf16
-/// block linears when `bf16` (CPU only).
+/// block linears when `bf16` (CPU only); `bf16` also puts the output head's products in
+/// bf16, beside int8 block linears too.
 pub fn load_model(dir: &Path, device: &Device, load_in_8bit: bool, group: Option<usize>, bf16: bool) -> Result<Llama> {
     let quantization = match (load_in_8bit, bf16) {
         (true, _) => Quantization::Int8 { group },
         (false, true) => Quantization::Bf16,
         (false, false) => Quantization::None,
     };
-    Llama::load_quantized(dir, compute_dtype(device), device, quantization)
+    let model = Llama::load_quantized(dir, compute_dtype(device), device, quantization)?;
+    match (load_in_8bit, bf16) {
+        (true, true) => model.with_bf16_head(),
+        _ => Ok(model),
+    }
 }

@@ -38,7 +38,10 @@ pub fn head_loss(model: &Llama, hidden: &Tensor, batch: &Batch) -> Result<(Tenso
     }
     let flat = hidden.reshape((batch.rows * batch.seq_len, model.config().hidden_size))?;
     let picked = flat.index_select(&Tensor::from_slice(&positions, positions.len(), device)?, 0)?;
-    let losses = lorafleet_kernels::lm_head_cross_entropy(&picked, model.head_weight(), &targets)?;
+    let losses = match model.bf16_head() {
+        Some(head) => lorafleet_kernels::lm_head_cross_entropy_bf16(&picked, head, &targets)?,
+        None => lorafleet_kernels::lm_head_cross_entropy(&picked, model.head_weight(), &targets)?,
+    };
     Ok((losses.sum_all()?, positions.len()))
 }
 

@@ -13,6 +13,7 @@
 //! `loss = lse − z[target]` with f32 logits and exponentials, except that the sum of the
 //! exponentials (and the log of it) is taken in f64, in column order.
 
+use super::bf16::{Bf16Scratch, Bf16Weight};
 use super::gemm::{matmul, MatMut, MatRef, Par};
 use candle_core::{Result, Tensor, D};
 use rayon::prelude::*;
@@ -28,6 +29,69 @@ const PAR_VALUES: usize = 1 << 15;
 /// Rows per chunk for a vocabulary: 32 MiB of f32 logits, at least 1.
 pub fn chunk_rows(vocab: usize) -> usize {
     (CHUNK_BYTES / (4 * vocab.max(1))).max(1)
+}
+
+/// The frozen output head `[vocab, d]`: f32, or bf16 (`torch_dtype = bf16`: both products
+/// through the bf16 kernel, logits and their gradient still f32).
+#[derive(Clone, Copy, Debug)]
+pub enum Head<'a> {
+    /// f32, row-major.
+    F32(&'a [f32]),
+    /// bf16, packed for both products.
+    Bf16(Bf16Weight<'a>),
+}
+
+impl Head<'_> {
+    /// `[vocab, d]`; panics when an f32 head is not a whole number of `vocab` rows.
+    fn dims(&self, vocab: usize) -> (usize, usize) {
+        match self {
+            Head::F32(w) => {
+                assert!(
+                    vocab > 0 && w.len().is_multiple_of(vocab),
+                    "head loss: head of {} values is not {vocab} rows",
+                    w.len()
+                );
+                (vocab, w.len() / vocab)
+            }
+            Head::Bf16(w) => w.dims(),
+        }
+    }
+
+    /// `z = h·Wᵀ`.
+    fn logits(&self, h: MatRef<'_>, z: MatMut<'_>, narrow: &mut Bf16Scratch) {
+        match self {
+            Head::F32(w) => {
+                let (vocab, d) = (z.cols(), h.cols());
+                matmul(z, h, MatRef::new(w, vocab, d).t(), 1.0, false, Par::Pool)
+            }
+            Head::Bf16(w) => w.forward(h, z, narrow),
+        }
+    }
+
+    /// `dh = dz·W`.
+    fn input_grad(&self, dz: MatRef<'_>, dh: MatMut<'_>, narrow: &mut Bf16Scratch) {
+        match self {
+            Head::F32(w) => {
+                let (vocab, d) = (dz.cols(), dh.cols());
+                matmul(dh, dz, MatRef::new(w, vocab, d), 1.0, false, Par::Pool)
+            }
+            Head::Bf16(w) => w.backward(dz, dh, false, narrow),
+        }
+    }
+}
+
+/// Reused buffers: one chunk of logits and its rows' losses, and the bf16 products' operands.
+#[derive(Default, Debug)]
+pub struct HeadScratch {
+    logits: Vec<f32>,
+    narrow: Bf16Scratch,
+}
+
+impl HeadScratch {
+    /// f32 values held for logits and losses (they grow to the largest chunk, then stay).
+    pub fn logit_values(&self) -> usize {
+        self.logits.len()
+    }
 }
 
 /// One row of logits `z` against `target`: returns its loss and overwrites `z` with
@@ -60,7 +124,7 @@ fn row_body(z: &mut [f32], target: usize) -> f32 {
 }
 
 /// Loss sum over the rows of hidden states `h` (`[n, d]`, `n = targets.len()`) through the
-/// frozen head `w` (`[vocab, d]`) against `targets`; overwrites `dh` (`[n, d]`) with
+/// frozen head `head` (`[vocab, d]`) against `targets`; overwrites `dh` (`[n, d]`) with
 /// `d(loss sum)/dh` (none: evaluation, the loss alone). Rows are processed in chunks of [`chunk_rows`]`(vocab)` whose logits
 /// live in `scratch` (grown once to the largest chunk, plus one loss per row, and reused
 /// across calls); the logits of a step are computed once and never kept.
@@ -70,14 +134,14 @@ fn row_body(z: &mut [f32], target: usize) -> f32 {
 /// bugs: the engine checks every target against the vocabulary when it packs a batch).
 pub fn forward_backward(
     h: &[f32],
-    w: &[f32],
+    head: Head<'_>,
     vocab: usize,
     targets: &[u32],
     mut dh: Option<&mut [f32]>,
-    scratch: &mut Vec<f32>,
+    scratch: &mut HeadScratch,
 ) -> f64 {
-    assert!(vocab > 0 && w.len().is_multiple_of(vocab), "head loss: head of {} values is not {vocab} rows", w.len());
-    let d = w.len() / vocab;
+    let (rows, d) = head.dims(vocab);
+    assert_eq!(rows, vocab, "head loss: a head of {rows} rows for a vocabulary of {vocab}");
     let n = targets.len();
     let dh_len = dh.as_ref().map_or(h.len(), |dh| dh.len());
     assert!(h.len() == n * d && dh_len == h.len(), "head loss: h {} / dh {dh_len} for {n} rows of {d}", h.len());
@@ -86,23 +150,16 @@ pub fn forward_backward(
     }
     let chunk = chunk_rows(vocab).min(n);
     let need = chunk * (vocab + 1);
-    if scratch.len() < need {
-        scratch.resize(need, 0.0);
+    if scratch.logits.len() < need {
+        scratch.logits.resize(need, 0.0);
     }
-    let wt = MatRef::new(w, vocab, d);
     let mut total = 0f64;
     for r0 in (0..n).step_by(chunk.max(1)) {
         let m = chunk.min(n - r0);
-        let (logits, losses) = scratch.split_at_mut(chunk * vocab);
+        let (logits, losses) = scratch.logits.split_at_mut(chunk * vocab);
         let (logits, losses) = (&mut logits[..m * vocab], &mut losses[..m]);
-        matmul(
-            MatMut::new(logits, m, vocab),
-            MatRef::new(&h[r0 * d..(r0 + m) * d], m, d),
-            wt.t(),
-            1.0,
-            false,
-            Par::Pool,
-        );
+        let hm = MatRef::new(&h[r0 * d..(r0 + m) * d], m, d);
+        head.logits(hm, MatMut::new(logits, m, vocab), &mut scratch.narrow);
         let rows = &targets[r0..r0 + m];
         let row = |((z, loss), &t): ((&mut [f32], &mut f32), &u32)| *loss = row_loss_and_grad(z, t as usize);
         if m > 1 && m * vocab >= PAR_VALUES {
@@ -115,7 +172,7 @@ pub fn forward_backward(
         }
         if let Some(dh) = dh.as_deref_mut() {
             let dh = MatMut::new(&mut dh[r0 * d..(r0 + m) * d], m, d);
-            matmul(dh, MatRef::new(logits, m, vocab), wt, 1.0, false, Par::Pool);
+            head.input_grad(MatRef::new(logits, m, vocab), dh, &mut scratch.narrow);
         }
     }
     total

@@ -23,6 +23,7 @@ use crate::model::Llama;
 use block::{fit, Acts, BlockAdapters, Ctx, FwdScratch, GradScratch};
 use lorafleet_common::Batch;
 use lorafleet_kernels::fused::attention::AttentionShape;
+use lorafleet_kernels::fused::head_loss::HeadScratch;
 use lorafleet_kernels::fused::lora_linear::{Adapter, Dropout as KeyedDropout, PairGrads};
 use lorafleet_kernels::fused::{head_loss, rms_norm};
 use packed::Packed;
@@ -41,7 +42,7 @@ pub struct Engine {
     final_rstd: Vec<f32>,
     head_h: Vec<f32>,
     head_dh: Vec<f32>,
-    head_scratch: Vec<f32>,
+    head_scratch: HeadScratch,
     dout: Vec<f32>,
     /// Gradient sums in `named_vars` order, one flat bucket (the all-reduce's layout).
     bucket: Vec<f32>,
@@ -78,7 +79,7 @@ impl Engine {
             final_rstd: Vec::new(),
             head_h: Vec::new(),
             head_dh: Vec::new(),
-            head_scratch: Vec::new(),
+            head_scratch: HeadScratch::default(),
             dout: Vec::new(),
             bucket: vec![0.0; size],
             trained: false,

@@ -8,6 +8,7 @@ use crate::lora::LoraAdapter;
 use crate::model::{BaseLinear, Llama};
 use candle_core::{CpuStorage, Storage, Tensor};
 use lorafleet_common::peft::LINEAR_MODULES;
+use lorafleet_kernels::fused::head_loss::Head;
 use lorafleet_kernels::fused::lora_linear::{Frozen, Weight};
 use std::ops::Deref;
 
@@ -101,7 +102,7 @@ pub(crate) struct BlockWeights<'a> {
 pub(crate) struct ModelWeights<'a> {
     pub embed: &'a [f32],
     pub norm: &'a [f32],
-    pub head: &'a [f32],
+    pub head: Head<'a>,
     pub cos: &'a [f32],
     pub sin: &'a [f32],
     pub blocks: Vec<BlockWeights<'a>>,
@@ -114,6 +115,7 @@ impl<'a> ModelWeights<'a> {
         let mut next = || it.next().expect("hold_model walks the same tensors");
         let (embed, norm, head, cos, sin) =
             (next().slice(), next().slice(), next().slice(), next().slice(), next().slice());
+        let head = model.bf16_head().map_or(Head::F32(head), |h| Head::Bf16(h.weight()));
         let c = model.config();
         let blocks = model
             .parts()

@@ -19,7 +19,7 @@ use crate::weights::WeightFiles;
 use candle_core::{DType, Device, Tensor};
 use lorafleet_common::peft::LINEAR_MODULES;
 use lorafleet_common::{checkpoint, ModelConfig};
-use lorafleet_kernels::{FrozenLinear, RmsNorm, Rope};
+use lorafleet_kernels::{Bf16Linear, FrozenLinear, RmsNorm, Rope};
 use std::path::Path;
 
 /// What a forward pass applies besides the frozen weights.
@@ -39,6 +39,9 @@ pub struct Llama {
     blocks: Vec<Block>,
     norm: RmsNorm,
     lm_head: FrozenLinear,
+    /// The head packed in bf16 (`torch_dtype = bf16`), which then computes every product
+    /// with it; `lm_head` keeps the f32 weight (tied embeddings, the engine's walk).
+    bf16_head: Option<Bf16Linear>,
     rope: Rope,
     dtype: DType,
     device: Device,
@@ -148,7 +151,31 @@ impl Llama {
         let head_weight = if c.tie_word_embeddings { embed.clone() } else { load("lm_head.weight", &[v, h])? };
         let lm_head = FrozenLinear::new(head_weight, None)?;
         let rope = rope_tables::tables(c, c.max_position_embeddings.max(1), device)?;
-        Ok(Self { config, embed, blocks, norm, lm_head, rope, dtype, device: device.clone() })
+        let model = Self { config, embed, blocks, norm, lm_head, bf16_head: None, rope, dtype, device: device.clone() };
+        if quantization == Quantization::Bf16 {
+            return model.with_bf16_head();
+        }
+        Ok(model)
+    }
+
+    /// The same model with its output head's products in bf16 (what `torch_dtype = bf16`
+    /// gives: with bf16 block linears, or beside int8 ones as `load_in_8bit` with a bf16
+    /// `torch_dtype` does in transformers). CPU only.
+    pub fn with_bf16_head(mut self) -> Result<Self> {
+        if !self.device.is_cpu() {
+            return Err(Error::Invalid(
+                "torch_dtype bf16 is the CPU's narrow compute; on a GPU the base already runs in bf16".into(),
+            ));
+        }
+        let w = self.lm_head.weight();
+        let rows = w.dims2()?.0;
+        self.bf16_head = Some(Bf16Linear::new(linear::pack_bf16(w)?, 0, rows, None)?);
+        Ok(self)
+    }
+
+    /// The bf16 head, when the model has one ([`Llama::with_bf16_head`]).
+    pub fn bf16_head(&self) -> Option<&Bf16Linear> {
+        self.bf16_head.as_ref()
     }
 
     /// The frozen parts the training engine reads: embeddings, blocks, final norm, output
@@ -227,6 +254,9 @@ impl Llama {
 
     /// Output-head logits in f32 for hidden states `[..., hidden]`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        if let Some(head) = &self.bf16_head {
+            return Ok(head.forward(&hidden.to_dtype(DType::F32)?)?);
+        }
         Ok(self.lm_head.forward(hidden)?.to_dtype(DType::F32)?)
     }
 
