@@ -1,5 +1,6 @@
 //! `coordinator`: the lorafleet command line (train, eval, generate, merge).
 
+mod alloc;
 mod bench_cmd;
 mod bench_ours;
 mod bench_reference;
@@ -17,12 +18,8 @@ mod train_args;
 
 use clap::Parser;
 
-// Training allocates and frees activation-sized buffers every op; glibc's malloc hands large
-// ones back to the kernel and page-faults them in again (a fifth of CPU time on the demo).
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> std::process::ExitCode {
+    alloc::keep_freed_memory();
     let cli = cli::Cli::parse();
     runtime::init_logging(cli.verbose);
     // candle's autograd walks the graph recursively: give it a deep stack.

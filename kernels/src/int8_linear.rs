@@ -29,8 +29,9 @@ struct Weights {
     /// `[out, groups]` f32 scales.
     scales: Tensor,
     group: usize,
-    /// The same values packed for the int8 micro-kernel (CPU, one scale per row).
-    packed: Option<PackedInt8>,
+    /// The same values packed for the int8 micro-kernel (CPU, one scale per row): a pack
+    /// and the first of its rows that are this layer's (a pack may hold q|k|v).
+    packed: Option<(Arc<PackedInt8>, usize)>,
 }
 
 /// A frozen int8 linear layer (gradient to the input only).
@@ -44,35 +45,65 @@ impl Int8Linear {
     /// Quantizes `weight` `[out, in]` (any float dtype) with one scale per row, or per
     /// `group` input features when given (it must divide `in`). The result lives on `device`.
     pub fn quantize(weight: &Tensor, group: Option<usize>, bias: Option<Tensor>, device: &Device) -> Result<Self> {
+        let (q, scales, group) = quantize_rows(weight, group)?;
         let (n, k) = weight.dims2()?;
-        let group = group.unwrap_or(k);
-        if group == 0 || k % group != 0 {
-            bail!("int8 group size {group} does not divide the {k} input features");
-        }
-        let groups = k / group;
-        let w: Vec<f32> = weight.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
-        let mut q = vec![128u8; n * k];
-        let mut scales = vec![0f32; n * groups];
-        for (g, chunk) in w.chunks_exact(group).enumerate() {
-            let absmax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let scale = absmax / 127.0;
-            scales[g] = scale;
-            if scale > 0.0 {
-                for (dst, &v) in q[g * group..(g + 1) * group].iter_mut().zip(chunk) {
-                    *dst = ((v / scale).round().clamp(-127.0, 127.0) as i32 + 128) as u8;
-                }
-            }
-        }
         // Packed on the CPU for per-row scales, the format the micro-kernel rescales by.
-        let packed = (device.is_cpu() && groups == 1).then(|| PackedInt8::new(&q, &scales, n, k));
+        let packed = (device.is_cpu() && group == k && int8::kernels_available())
+            .then(|| (Arc::new(PackedInt8::new(&q, &scales, n, k)), 0));
+        Self::from_parts(q, scales, (n, k, group), packed, bias, device)
+    }
+
+    /// Quantizes layers that read the same input (q, k, v; gate, up) with one scale per row,
+    /// on the CPU, and packs them for the int8 kernel as one weight, each layer a view of its
+    /// rows, so the engine quantizes the input once and runs one product. Layers whose rows
+    /// do not start a 16-row panel are packed apart.
+    pub fn quantize_shared(weights: &[Tensor], biases: Vec<Option<Tensor>>) -> Result<Vec<Self>> {
+        let parts = weights.iter().map(|w| quantize_rows(w, None)).collect::<Result<Vec<_>>>()?;
+        let dims = weights.iter().map(|w| w.dims2()).collect::<Result<Vec<_>>>()?;
+        let starts: Vec<usize> = dims.iter().scan(0, |r, &(n, _)| Some(std::mem::replace(r, *r + n))).collect();
+        let k = dims.first().map_or(0, |d| d.1);
+        let shared = int8::kernels_available()
+            && dims.iter().all(|d| d.1 == k)
+            && starts.iter().all(|s| s.is_multiple_of(crate::fused::narrow::PANEL));
+        let pack = shared.then(|| {
+            let q: Vec<u8> = parts.iter().flat_map(|p| p.0.iter().copied()).collect();
+            let scales: Vec<f32> = parts.iter().flat_map(|p| p.1.iter().copied()).collect();
+            Arc::new(PackedInt8::new(&q, &scales, scales.len(), k))
+        });
+        let layers = parts.into_iter().zip(dims).zip(starts).zip(biases);
+        layers
+            .map(|((((q, scales, group), (n, k)), r0), bias)| {
+                let packed = match &pack {
+                    Some(p) => Some((p.clone(), r0)),
+                    None => int8::kernels_available().then(|| (Arc::new(PackedInt8::new(&q, &scales, n, k)), 0)),
+                };
+                Self::from_parts(q, scales, (n, k, group), packed, bias, &Device::Cpu)
+            })
+            .collect()
+    }
+
+    fn from_parts(
+        q: Vec<u8>,
+        scales: Vec<f32>,
+        (n, k, group): (usize, usize, usize),
+        packed: Option<(Arc<PackedInt8>, usize)>,
+        bias: Option<Tensor>,
+        device: &Device,
+    ) -> Result<Self> {
         let weights = Weights {
             q: Tensor::from_vec(q, (n, k), device)?,
-            scales: Tensor::from_vec(scales, (n, groups), device)?,
+            scales: Tensor::from_vec(scales, (n, k / group), device)?,
             group,
             packed,
         };
         let bias = bias.map(|b| FrozenBias::new(b.to_device(device)?, n)).transpose()?;
         Ok(Self { weights: Arc::new(weights), bias })
+    }
+
+    /// The pack this layer's rows are a view of, and where they start, when the int8 kernel
+    /// runs (see [`Int8Linear::packed`]).
+    pub fn shared_pack(&self) -> Option<(&Arc<PackedInt8>, usize)> {
+        self.weights.packed.as_ref().filter(|_| int8::kernels_available()).map(|(p, r0)| (p, *r0))
     }
 
     /// `[out, in]`.
@@ -117,10 +148,36 @@ impl Int8Linear {
     }
 }
 
+/// `weight` `[out, in]` as `u8 = int8 + 128` with an absmax scale per row, or per `group`
+/// inputs (which must divide `in`); returns the values, the scales and the group size.
+fn quantize_rows(weight: &Tensor, group: Option<usize>) -> Result<(Vec<u8>, Vec<f32>, usize)> {
+    let (n, k) = weight.dims2()?;
+    let group = group.unwrap_or(k);
+    if group == 0 || k % group != 0 {
+        bail!("int8 group size {group} does not divide the {k} input features");
+    }
+    let w: Vec<f32> = weight.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+    let mut q = vec![128u8; n * k];
+    let mut scales = vec![0f32; n * (k / group)];
+    for (g, chunk) in w.chunks_exact(group).enumerate() {
+        let absmax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let scale = absmax / 127.0;
+        scales[g] = scale;
+        if scale > 0.0 {
+            for (dst, &v) in q[g * group..(g + 1) * group].iter_mut().zip(chunk) {
+                *dst = ((v / scale).round().clamp(-127.0, 127.0) as i32 + 128) as u8;
+            }
+        }
+    }
+    Ok((q, scales, group))
+}
+
 impl Weights {
     /// The packed weight, when the micro-kernel runs (see [`Int8Linear::packed`]).
     fn packed(&self) -> Option<Int8Weight<'_>> {
-        self.packed.as_ref().filter(|_| int8::kernels_available()).map(PackedInt8::full)
+        let rows = self.q.dims()[0];
+        let (p, r0) = self.packed.as_ref().filter(|_| int8::kernels_available())?;
+        p.rows(*r0, rows)
     }
 
     /// Rows `r0..r0+rows` of W dequantized to `dtype`, by tensor ops (any device).

@@ -7,10 +7,11 @@
 use clap::Parser;
 use std::process::ExitCode;
 
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+#[path = "../alloc.rs"]
+mod alloc;
 
 fn main() -> ExitCode {
+    alloc::keep_freed_memory();
     let filter = tracing_subscriber::EnvFilter::try_from_env("LORAFLEET_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());

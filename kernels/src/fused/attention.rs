@@ -182,6 +182,33 @@ fn pack_group(
     }
 }
 
+thread_local! {
+    /// The attention tasks' scratch on each thread of the pool, grown to the largest task and
+    /// kept: allocated per task, it came back from the allocator as fresh pages for the
+    /// kernel to zero (15% of the demo's time in `clear_page`).
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on zeroed buffers of `sizes` carved from this thread's scratch. Tasks must not
+/// nest (their products run on the calling thread, `Par::Seq`).
+#[inline(always)]
+fn with_scratch<const K: usize, R>(sizes: [usize; K], f: impl FnOnce([&mut [f32]; K]) -> R) -> R {
+    SCRATCH.with_borrow_mut(|buf| {
+        let total = sizes.iter().sum();
+        if buf.len() < total {
+            buf.resize(total, 0.0);
+        }
+        let mut rest = &mut buf[..total];
+        let parts = sizes.map(|n| {
+            let (part, tail) = std::mem::take(&mut rest).split_at_mut(n);
+            rest = tail;
+            part.fill(0.0);
+            part
+        });
+        f(parts)
+    })
+}
+
 /// One (sequence, kv head) task of [`forward`]: the sequence is tokens `a..a + t`. Each block
 /// of `BQ` queries runs for all `rep` heads of the group at once, as `rep·mq` packed rows.
 #[allow(clippy::too_many_arguments)]
@@ -202,63 +229,61 @@ fn forward_task(
     let (qld, kld) = (shape.heads * d, shape.kv_heads * d);
     // Scratch for the whole task, reused by every block.
     let rows_max = rep * BQ.min(t);
-    let mut qp = vec![0f32; rows_max * d];
-    let mut s = vec![0f32; rows_max * BK];
-    let mut acc = vec![0f32; rows_max * d];
-    let mut m = vec![0f32; rows_max];
-    let mut l = vec![0f32; rows_max];
-    for i0 in (0..t).step_by(BQ) {
-        let i1 = (i0 + BQ).min(t);
-        let mq = i1 - i0;
-        let rows = rep * mq;
-        pack_group(q, qld, d, rep, g, a, i0, mq, &mut qp);
-        let qb = MatRef::new(&qp[..rows * d], rows, d);
-        let (acc, m, l) = (&mut acc[..rows * d], &mut m[..rows], &mut l[..rows]);
-        acc.fill(0.0);
-        m.fill(f32::NEG_INFINITY);
-        l.fill(0.0);
-        // Key blocks from the first key the block's first query sees up to its last query's
-        // diagonal: blocks wholly outside the causal window are never visited.
-        for j0 in (shape.first_key(i0)..i1).step_by(BK) {
-            let nk = (j0 + BK).min(i1) - j0;
-            let s = &mut s[..rows * nk];
-            let kb = MatRef::block(k, kld, a + j0, nk, g * d, d);
-            matmul(MatMut::new(s, rows, nk), qb, kb.t(), shape.scale, false, Par::Seq);
-            for (x, row) in s.chunks_exact_mut(nk).enumerate() {
-                let (lo, hi) = shape.visible_cols(i0 + x % mq, j0, nk);
-                row[..lo].fill(0.0);
-                row[hi..].fill(0.0);
-                let seen = &mut row[lo..hi];
-                if seen.is_empty() {
-                    continue; // nothing visible here: the row's running state is unchanged
+    let sizes = [rows_max * d, rows_max * BK, rows_max * d, rows_max, rows_max];
+    with_scratch(sizes, |[qp, s, acc, m, l]| {
+        for i0 in (0..t).step_by(BQ) {
+            let i1 = (i0 + BQ).min(t);
+            let mq = i1 - i0;
+            let rows = rep * mq;
+            pack_group(q, qld, d, rep, g, a, i0, mq, qp);
+            let qb = MatRef::new(&qp[..rows * d], rows, d);
+            let (acc, m, l) = (&mut acc[..rows * d], &mut m[..rows], &mut l[..rows]);
+            acc.fill(0.0);
+            m.fill(f32::NEG_INFINITY);
+            l.fill(0.0);
+            // Key blocks from the first key the block's first query sees up to its last query's
+            // diagonal: blocks wholly outside the causal window are never visited.
+            for j0 in (shape.first_key(i0)..i1).step_by(BK) {
+                let nk = (j0 + BK).min(i1) - j0;
+                let s = &mut s[..rows * nk];
+                let kb = MatRef::block(k, kld, a + j0, nk, g * d, d);
+                matmul(MatMut::new(s, rows, nk), qb, kb.t(), shape.scale, false, Par::Seq);
+                for (x, row) in s.chunks_exact_mut(nk).enumerate() {
+                    let (lo, hi) = shape.visible_cols(i0 + x % mq, j0, nk);
+                    row[..lo].fill(0.0);
+                    row[hi..].fill(0.0);
+                    let seen = &mut row[lo..hi];
+                    if seen.is_empty() {
+                        continue; // nothing visible here: the row's running state is unchanged
+                    }
+                    let m_new = seen.iter().fold(m[x], |x, &y| x.max(y));
+                    super::math::exp_shifted(seen, m_new);
+                    let sum: f32 = seen.iter().sum();
+                    let alpha = super::math::exp(m[x] - m_new); // 0 for the first visible block (m = -inf)
+                    if alpha != 1.0 {
+                        acc[x * d..(x + 1) * d].iter_mut().for_each(|y| *y *= alpha);
+                    }
+                    l[x] = l[x] * alpha + sum;
+                    m[x] = m_new;
                 }
-                let m_new = seen.iter().fold(m[x], |x, &y| x.max(y));
-                super::math::exp_shifted(seen, m_new);
-                let sum: f32 = seen.iter().sum();
-                let alpha = super::math::exp(m[x] - m_new); // 0 for the first visible block (m = -inf)
-                if alpha != 1.0 {
-                    acc[x * d..(x + 1) * d].iter_mut().for_each(|y| *y *= alpha);
-                }
-                l[x] = l[x] * alpha + sum;
-                m[x] = m_new;
+                let vb = MatRef::block(v, kld, a + j0, nk, g * d, d);
+                matmul(MatMut::new(acc, rows, d), MatRef::new(s, rows, nk), vb, 1.0, true, Par::Seq);
             }
-            let vb = MatRef::block(v, kld, a + j0, nk, g * d, d);
-            matmul(MatMut::new(acc, rows, d), MatRef::new(s, rows, nk), vb, 1.0, true, Par::Seq);
+            // Every row sees at least its own key, so l > 0 and m is finite.
+            for (x, row) in acc.chunks_exact_mut(d).enumerate() {
+                let (h, r) = (g * rep + x / mq, x % mq);
+                let inv = 1.0 / l[x];
+                row.iter_mut().for_each(|y| *y *= inv);
+                m[x] += l[x].ln();
+                // SAFETY: row a+i0+r, columns of head h (of this task's group): its own elements of `o`.
+                unsafe { o.write((a + i0 + r) * qld + h * d, row) };
+            }
+            for (j, m) in m.chunks_exact(mq).enumerate() {
+                // SAFETY: lse row g·rep+j, tokens a+i0..a+i1 of this task's sequence.
+                unsafe { lse.write((g * rep + j) * n + a + i0, m) };
+            }
         }
-        // Every row sees at least its own key, so l > 0 and m is finite.
-        for (x, row) in acc.chunks_exact_mut(d).enumerate() {
-            let (h, r) = (g * rep + x / mq, x % mq);
-            let inv = 1.0 / l[x];
-            row.iter_mut().for_each(|y| *y *= inv);
-            m[x] += l[x].ln();
-            // SAFETY: row a+i0+r, columns of head h (of this task's group): its own elements of `o`.
-            unsafe { o.write((a + i0 + r) * qld + h * d, row) };
-        }
-        for (j, m) in m.chunks_exact(mq).enumerate() {
-            // SAFETY: lse row g·rep+j, tokens a+i0..a+i1 of this task's sequence.
-            unsafe { lse.write((g * rep + j) * n + a + i0, m) };
-        }
-    }
+    })
 }
 
 /// Backward: overwrites `dq`, `dk`, `dv` (the shapes of `q`, `k`, `v`) from `d_o`, recomputing
@@ -304,71 +329,66 @@ fn backward_task(shape: &AttentionShape, n: usize, a: usize, t: usize, g: usize,
     let (qld, kld) = (shape.heads * d, shape.kv_heads * d);
     // Scratch for the whole task, reused by every block.
     let rows_max = rep * BQ.min(t);
-    let mut qp = vec![0f32; rows_max * d];
-    let mut dop = vec![0f32; rows_max * d];
-    let mut p = vec![0f32; rows_max * BK];
-    let mut ds = vec![0f32; rows_max * BK];
-    let mut dq_blk = vec![0f32; rows_max * d];
-    let mut dk_loc = vec![0f32; t * d];
-    let mut dv_loc = vec![0f32; t * d];
-    let mut delta = vec![0f32; rows_max];
-    let mut lse_p = vec![0f32; rows_max];
-    for i0 in (0..t).step_by(BQ) {
-        let i1 = (i0 + BQ).min(t);
-        let mq = i1 - i0;
-        let rows = rep * mq;
-        pack_group(q, qld, d, rep, g, a, i0, mq, &mut qp);
-        pack_group(d_o, qld, d, rep, g, a, i0, mq, &mut dop);
-        let (qb, dob) = (MatRef::new(&qp[..rows * d], rows, d), MatRef::new(&dop[..rows * d], rows, d));
-        for (x, (dl, ls)) in delta[..rows].iter_mut().zip(&mut lse_p[..rows]).enumerate() {
-            let (h, r) = (g * rep + x / mq, x % mq);
-            let at = (a + i0 + r) * qld + h * d;
-            *dl = dop[x * d..(x + 1) * d].iter().zip(&o[at..at + d]).map(|(x, y)| x * y).sum();
-            *ls = lse[h * n + a + i0 + r];
-        }
-        let dq_blk = &mut dq_blk[..rows * d];
-        let mut first = true;
-        for j0 in (shape.first_key(i0)..i1).step_by(BK) {
-            let nk = (j0 + BK).min(i1) - j0;
-            let (p, ds) = (&mut p[..rows * nk], &mut ds[..rows * nk]);
-            let kb = MatRef::block(k, kld, a + j0, nk, g * d, d);
-            let vb = MatRef::block(v, kld, a + j0, nk, g * d, d);
-            // P = exp(scale·Q·Kᵀ − lse), zero where masked.
-            matmul(MatMut::new(p, rows, nk), qb, kb.t(), shape.scale, false, Par::Seq);
-            for (x, row) in p.chunks_exact_mut(nk).enumerate() {
-                let (lo, hi) = shape.visible_cols(i0 + x % mq, j0, nk);
-                row[..lo].fill(0.0);
-                row[hi..].fill(0.0);
-                super::math::exp_shifted(&mut row[lo..hi], lse_p[x]);
+    let (blk, scores) = (rows_max * d, rows_max * BK);
+    let sizes = [blk, blk, scores, scores, blk, t * d, t * d, rows_max, rows_max];
+    with_scratch(sizes, |[qp, dop, p, ds, dq_blk, dk_loc, dv_loc, delta, lse_p]| {
+        for i0 in (0..t).step_by(BQ) {
+            let i1 = (i0 + BQ).min(t);
+            let mq = i1 - i0;
+            let rows = rep * mq;
+            pack_group(q, qld, d, rep, g, a, i0, mq, qp);
+            pack_group(d_o, qld, d, rep, g, a, i0, mq, dop);
+            let (qb, dob) = (MatRef::new(&qp[..rows * d], rows, d), MatRef::new(&dop[..rows * d], rows, d));
+            for (x, (dl, ls)) in delta[..rows].iter_mut().zip(&mut lse_p[..rows]).enumerate() {
+                let (h, r) = (g * rep + x / mq, x % mq);
+                let at = (a + i0 + r) * qld + h * d;
+                *dl = dop[x * d..(x + 1) * d].iter().zip(&o[at..at + d]).map(|(x, y)| x * y).sum();
+                *ls = lse[h * n + a + i0 + r];
             }
-            // dV += Pᵀ·dO (over the group's heads)
-            let dvb = MatMut::block(&mut dv_loc, d, j0, nk, 0, d);
-            matmul(dvb, MatRef::new(p, rows, nk).t(), dob, 1.0, true, Par::Seq);
-            // dP = dO·Vᵀ, then dS = P∘(dP − D)·scale in place.
-            matmul(MatMut::new(ds, rows, nk), dob, vb.t(), 1.0, false, Par::Seq);
-            for (x, (dsr, pr)) in ds.chunks_exact_mut(nk).zip(p.chunks_exact(nk)).enumerate() {
-                dsr.iter_mut().zip(pr).for_each(|(y, &p)| *y = p * (*y - delta[x]) * shape.scale);
+            let dq_blk = &mut dq_blk[..rows * d];
+            let mut first = true;
+            for j0 in (shape.first_key(i0)..i1).step_by(BK) {
+                let nk = (j0 + BK).min(i1) - j0;
+                let (p, ds) = (&mut p[..rows * nk], &mut ds[..rows * nk]);
+                let kb = MatRef::block(k, kld, a + j0, nk, g * d, d);
+                let vb = MatRef::block(v, kld, a + j0, nk, g * d, d);
+                // P = exp(scale·Q·Kᵀ − lse), zero where masked.
+                matmul(MatMut::new(p, rows, nk), qb, kb.t(), shape.scale, false, Par::Seq);
+                for (x, row) in p.chunks_exact_mut(nk).enumerate() {
+                    let (lo, hi) = shape.visible_cols(i0 + x % mq, j0, nk);
+                    row[..lo].fill(0.0);
+                    row[hi..].fill(0.0);
+                    super::math::exp_shifted(&mut row[lo..hi], lse_p[x]);
+                }
+                // dV += Pᵀ·dO (over the group's heads)
+                let dvb = MatMut::block(dv_loc, d, j0, nk, 0, d);
+                matmul(dvb, MatRef::new(p, rows, nk).t(), dob, 1.0, true, Par::Seq);
+                // dP = dO·Vᵀ, then dS = P∘(dP − D)·scale in place.
+                matmul(MatMut::new(ds, rows, nk), dob, vb.t(), 1.0, false, Par::Seq);
+                for (x, (dsr, pr)) in ds.chunks_exact_mut(nk).zip(p.chunks_exact(nk)).enumerate() {
+                    dsr.iter_mut().zip(pr).for_each(|(y, &p)| *y = p * (*y - delta[x]) * shape.scale);
+                }
+                // dQ += dS·K (the first block overwrites), dK += dSᵀ·Q (over the group's heads).
+                let dsm = MatRef::new(ds, rows, nk);
+                matmul(MatMut::new(dq_blk, rows, d), dsm, kb, 1.0, !first, Par::Seq);
+                matmul(MatMut::block(dk_loc, d, j0, nk, 0, d), dsm.t(), qb, 1.0, true, Par::Seq);
+                first = false;
             }
-            // dQ += dS·K (the first block overwrites), dK += dSᵀ·Q (over the group's heads).
-            let dsm = MatRef::new(ds, rows, nk);
-            matmul(MatMut::new(dq_blk, rows, d), dsm, kb, 1.0, !first, Par::Seq);
-            matmul(MatMut::block(&mut dk_loc, d, j0, nk, 0, d), dsm.t(), qb, 1.0, true, Par::Seq);
-            first = false;
+            // The key range is never empty (a query sees itself), so dq_blk was overwritten.
+            for (x, row) in dq_blk.chunks_exact(d).enumerate() {
+                let (h, r) = (g * rep + x / mq, x % mq);
+                // SAFETY: row a+i0+r, columns of head h (of this task's group): its own elements of `dq`.
+                unsafe { dq.write((a + i0 + r) * qld + h * d, row) };
+            }
         }
-        // The key range is never empty (a query sees itself), so dq_blk was overwritten.
-        for (x, row) in dq_blk.chunks_exact(d).enumerate() {
-            let (h, r) = (g * rep + x / mq, x % mq);
-            // SAFETY: row a+i0+r, columns of head h (of this task's group): its own elements of `dq`.
-            unsafe { dq.write((a + i0 + r) * qld + h * d, row) };
+        for (r, (dkr, dvr)) in dk_loc.chunks_exact(d).zip(dv_loc.chunks_exact(d)).enumerate() {
+            // SAFETY: row a+r, columns of kv head g: this task's own elements of `dk` and `dv`.
+            unsafe {
+                dk.write((a + r) * kld + g * d, dkr);
+                dv.write((a + r) * kld + g * d, dvr);
+            }
         }
-    }
-    for (r, (dkr, dvr)) in dk_loc.chunks_exact(d).zip(dv_loc.chunks_exact(d)).enumerate() {
-        // SAFETY: row a+r, columns of kv head g: this task's own elements of `dk` and `dv`.
-        unsafe {
-            dk.write((a + r) * kld + g * d, dkr);
-            dv.write((a + r) * kld + g * d, dvr);
-        }
-    }
+    })
 }
 
 /// Reference body in candle tensor ops (the test oracle and the non-CPU body): returns `o` as

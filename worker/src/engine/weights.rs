@@ -11,6 +11,7 @@ use lorafleet_common::peft::LINEAR_MODULES;
 use lorafleet_kernels::fused::head_loss::Head;
 use lorafleet_kernels::fused::lora_linear::{Frozen, Weight};
 use std::ops::Deref;
+use std::sync::Arc;
 
 /// A held read guard on one contiguous f32 or u8 CPU tensor.
 pub(crate) struct Held<'t> {
@@ -152,7 +153,7 @@ impl<'a> ModelWeights<'a> {
                 });
                 // q, k, v and gate, up in LINEAR_MODULES order.
                 let [qkv, gate_up] = [(qkv, 0..3), (gate_up, 4..6)]
-                    .map(|(dense, range)| dense.or_else(|| shared_bf16(&b.linears[range])));
+                    .map(|(dense, range)| dense.or_else(|| shared_pack(&b.linears[range])));
                 BlockWeights { norm1, norm2, lin, qkv, gate_up }
             })
             .collect();
@@ -160,21 +161,44 @@ impl<'a> ModelWeights<'a> {
     }
 }
 
-/// The one pack that bf16 modules sharing an input (q|k|v, gate|up) are consecutive views
-/// of, as a single weight; `None` when they were packed apart (or are not bf16).
-fn shared_bf16(linears: &[BaseLinear]) -> Option<Frozen<'_>> {
+/// The one pack that bf16 or int8 modules sharing an input (q|k|v, gate|up) are consecutive
+/// views of, as a single weight; `None` when they were packed apart (or are neither).
+fn shared_pack(linears: &[BaseLinear]) -> Option<Frozen<'_>> {
+    let frozen = |w, (out, inp)| Frozen { w, bias: None, out, inp };
+    match linears.first()? {
+        BaseLinear::Bf16(_) => {
+            let p = consecutive_views(linears, |l| match l {
+                BaseLinear::Bf16(l) => Some((l.packed(), l.dims().0)),
+                _ => None,
+            })?;
+            (p.1 == p.0.dims().0).then(|| frozen(Weight::Bf16(p.0.full()), p.0.dims()))
+        }
+        BaseLinear::Int8(_) => {
+            let p = consecutive_views(linears, |l| match l {
+                BaseLinear::Int8(l) => Some((l.shared_pack()?, l.dims().0)),
+                _ => None,
+            })?;
+            (p.1 == p.0.dims().0).then(|| frozen(Weight::Int8Packed(p.0.full()), p.0.dims()))
+        }
+        BaseLinear::Dense(_) => None,
+    }
+}
+
+/// The pack that `view(l)` (its pack, first row, and rows) makes every linear a consecutive
+/// share of, and the rows they cover from its first.
+fn consecutive_views<'a, P>(
+    linears: &'a [BaseLinear],
+    view: impl Fn(&'a BaseLinear) -> Option<((&'a Arc<P>, usize), usize)>,
+) -> Option<(&'a P, usize)> {
     let mut next_row = 0;
-    let mut pack = None;
+    let mut pack: Option<&Arc<P>> = None;
     for l in linears {
-        let BaseLinear::Bf16(l) = l else { return None };
-        let (p, r0) = l.packed();
-        if r0 != next_row || pack.is_some_and(|q| !std::sync::Arc::ptr_eq(q, p)) {
+        let ((p, r0), rows) = view(l)?;
+        if r0 != next_row || pack.is_some_and(|q| !Arc::ptr_eq(q, p)) {
             return None;
         }
         pack = Some(p);
-        next_row += l.dims().0;
+        next_row += rows;
     }
-    let p = pack?;
-    let (out, inp) = p.dims();
-    (next_row == out).then(|| Frozen { w: Weight::Bf16(p.full()), bias: None, out, inp })
+    Some((&**pack?, next_row))
 }

@@ -129,7 +129,9 @@ impl Llama {
                 }
             }
             let linears = match quantization {
-                Quantization::Bf16 => bf16_linears(weights, biases)?,
+                Quantization::Bf16 | Quantization::Int8 { group: None } if linear_device.is_cpu() => {
+                    shared_linears(weights, biases, quantization)?
+                }
                 _ => weights
                     .into_iter()
                     .zip(biases)
@@ -326,26 +328,36 @@ impl Llama {
     }
 }
 
-/// A block's seven linears in bf16. Modules that share an input (q|k|v, gate|up) share one
-/// pack of their concatenated weight, each a view of its rows, so the training engine runs
-/// one product per shared input as it does in f32; where a module's rows would not start a
-/// 16-row panel, every module is packed on its own.
-fn bf16_linears(weights: Vec<Tensor>, biases: Vec<Option<Tensor>>) -> Result<Vec<BaseLinear>> {
-    use lorafleet_kernels::Bf16Linear;
-    let mut out: Vec<Option<BaseLinear>> = vec![None; weights.len()];
-    let mut biases: Vec<Option<Option<Tensor>>> = biases.into_iter().map(Some).collect();
+/// A block's seven linears in bf16, or in int8 with one scale per row (on the CPU). Modules
+/// that share an input (q|k|v, gate|up) share one pack of their concatenated weight, each a
+/// view of its rows, so the training engine runs one product per shared input as it does in
+/// f32; where a module's rows would not start a 16-row panel, every module is packed on its
+/// own.
+fn shared_linears(
+    weights: Vec<Tensor>,
+    biases: Vec<Option<Tensor>>,
+    quantization: Quantization,
+) -> Result<Vec<BaseLinear>> {
+    use lorafleet_kernels::{Bf16Linear, Int8Linear};
+    let mut out = Vec::with_capacity(weights.len());
+    let mut biases = biases.into_iter();
     for range in [block::Q..block::O, block::O..block::GATE, block::GATE..block::DOWN, block::DOWN..block::DOWN + 1] {
-        let rows: Vec<usize> = weights[range.clone()].iter().map(|w| w.dims()[0]).collect();
+        let bias: Vec<Option<Tensor>> = range.clone().map(|_| biases.next().flatten()).collect();
+        let weights = &weights[range];
+        if quantization != Quantization::Bf16 {
+            out.extend(Int8Linear::quantize_shared(weights, bias)?.into_iter().map(BaseLinear::Int8));
+            continue;
+        }
+        let rows: Vec<usize> = weights.iter().map(|w| w.dims()[0]).collect();
         let starts: Vec<usize> = rows.iter().scan(0, |r, &n| Some(std::mem::replace(r, *r + n))).collect();
         let shared = starts.iter().all(|s| s.is_multiple_of(16));
-        let packed = if shared { Some(linear::pack_bf16(&Tensor::cat(&weights[range.clone()], 0)?)?) } else { None };
-        for (i, m) in range.enumerate() {
-            let bias = biases[m].take().flatten();
-            out[m] = Some(match &packed {
+        let packed = if shared { Some(linear::pack_bf16(&Tensor::cat(weights, 0)?)?) } else { None };
+        for (i, (w, bias)) in weights.iter().zip(bias).enumerate() {
+            out.push(match &packed {
                 Some(p) => BaseLinear::Bf16(Bf16Linear::new(p.clone(), starts[i], rows[i], bias)?),
-                None => BaseLinear::new(weights[m].clone(), bias, Quantization::Bf16, &Device::Cpu)?,
+                None => BaseLinear::new(w.clone(), bias, Quantization::Bf16, &Device::Cpu)?,
             });
         }
     }
-    Ok(out.into_iter().map(|l| l.expect("every module is in one range")).collect())
+    Ok(out)
 }
