@@ -18,8 +18,8 @@
 //!   f32 product with their dequantized weight columns instead, so one large feature does not
 //!   wipe out the resolution of the others. bitsandbytes takes a whole column out once any
 //!   token of the batch exceeds the threshold; per token, each token's result depends on its
-//!   own features only, so the padded model graph and the unpadded engine, and any grouping
-//!   of sequences into micro-batches, compute the same values.
+//!   own features only, whatever else its micro-batch holds (padding in the model's graph,
+//!   other sequences).
 //! - **Backward**: `dY·W = (dY·diag(s))·Wq`, so the row scales fold into `dY` before it is
 //!   quantized per token and the same kernel runs over W packed the other way.
 //!
@@ -39,7 +39,7 @@ use super::gemm::{MatMut, MatRef};
 use super::narrow::PANEL;
 use rayon::prelude::*;
 
-/// Input features whose magnitude exceeds this in any token run in f32 (bitsandbytes'
+/// A token's features whose magnitude exceeds this run in f32 (bitsandbytes'
 /// `llm_int8_threshold` default).
 pub const OUTLIER_THRESHOLD: f32 = 6.0;
 
