@@ -68,7 +68,7 @@ impl Int8Linear {
         let pack = shared.then(|| {
             let q: Vec<u8> = parts.iter().flat_map(|p| p.0.iter().copied()).collect();
             let scales: Vec<f32> = parts.iter().flat_map(|p| p.1.iter().copied()).collect();
-            Arc::new(PackedInt8::new(&q, &scales, scales.len(), k))
+            Arc::new(PackedInt8::new(&q, &scales, scales.len(), k).with_modules(&starts))
         });
         let layers = parts.into_iter().zip(dims).zip(starts).zip(biases);
         layers

@@ -132,3 +132,44 @@ fn real_values_stay_within_the_quantization_bound_with_outlier_columns_in_f32() 
         }
     }
 }
+
+#[test]
+fn a_shared_pack_reduces_each_modules_gradient_on_its_own() {
+    if !kernels_available() {
+        return;
+    }
+    // q|k|v as one pack: the backward over the whole pack equals the modules' own backwards
+    // added in order (each quantizes its share of dY with its own scale per token), and the
+    // forward equals each module's.
+    let (n, inp, rows) = (21, 40, [32, 16, 48]);
+    let out: usize = rows.iter().sum();
+    let (_, single) = weight(out, inp);
+    let w = single.full().to_f32();
+    let q: Vec<u8> = w.iter().map(|&v| (v as i32 + 128) as u8).collect();
+    let scales: Vec<f32> = (0..out).map(|j| 0.5 + j as f32 / out as f32).collect();
+    let starts = [0, 32, 48];
+    let packed = PackedInt8::new(&q, &scales, out, inp).with_modules(&starts);
+    // Gradients of very different sizes per module.
+    let dy: Vec<f32> =
+        (0..n * out).map(|i| ((i as f32 * 0.37).sin()) * if i % out < 32 { 100.0 } else { 0.01 }).collect();
+    let mut scratch = Int8Scratch::default();
+    let mut whole = vec![0f32; n * inp];
+    packed.full().backward(MatRef::new(&dy, n, out), MatMut::new(&mut whole, n, inp), false, &mut scratch);
+    let mut parts = vec![0f32; n * inp];
+    for (m, (&s, &r)) in starts.iter().zip(&rows).enumerate() {
+        let view = packed.rows(s, r).unwrap();
+        let dym = MatRef::strided(&dy[s..], n, r, out, 1);
+        view.backward(dym, MatMut::new(&mut parts, n, inp), m > 0, &mut scratch);
+    }
+    assert_eq!(whole, parts);
+    let x = activations(n, inp, 9);
+    let mut y = vec![0f32; n * out];
+    packed.full().forward(MatRef::new(&x, n, inp), MatMut::new(&mut y, n, out), &mut scratch);
+    for (&s, &r) in starts.iter().zip(&rows) {
+        let mut ym = vec![0f32; n * r];
+        packed.rows(s, r).unwrap().forward(MatRef::new(&x, n, inp), MatMut::new(&mut ym, n, r), &mut scratch);
+        for i in 0..n {
+            assert_eq!(ym[i * r..(i + 1) * r], y[i * out + s..i * out + s + r]);
+        }
+    }
+}

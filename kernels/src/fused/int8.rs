@@ -93,6 +93,9 @@ pub struct PackedInt8 {
     bwd: Quads,
     /// `[out]`.
     scales: Vec<f32>,
+    /// The first row of each module the weight concatenates (q|k|v): the backward
+    /// quantizes each module's share of dY on its own.
+    modules: Vec<usize>,
     out: usize,
     inp: usize,
 }
@@ -108,7 +111,15 @@ impl PackedInt8 {
         );
         let fwd = Quads::pack(inp, out, |k, j| q[j * inp + k]);
         let bwd = Quads::pack(out, inp, |k, j| q[k * inp + j]);
-        Self { fwd, bwd, scales: scales.to_vec(), out, inp }
+        Self { fwd, bwd, scales: scales.to_vec(), modules: vec![0], out, inp }
+    }
+
+    /// The same weight as the concatenation of modules whose first rows are `starts`
+    /// (each a multiple of 16, the first 0), as [`PackedInt8::rows`] views them.
+    pub fn with_modules(mut self, starts: &[usize]) -> Self {
+        assert!(starts.first() == Some(&0) && starts.iter().all(|s| s.is_multiple_of(PANEL) && *s < self.out.max(1)));
+        self.modules = starts.to_vec();
+        self
     }
 
     /// `[out, in]`.
@@ -234,15 +245,26 @@ impl Int8Weight<'_> {
             return;
         }
         let bwd = &self.packed.bwd;
-        // The view's rows are a run of quads when it starts a panel (16 rows); a last quad
-        // that reaches into the next module's rows meets zeros in the padded activations.
-        let quads = self.rows.div_ceil(QUAD);
-        let row_scale = Some(&self.packed.scales[self.r0..self.r0 + self.rows]);
-        let a =
-            quantize(dy, row_scale, f32::INFINITY, quads, &mut scratch.narrow, &mut scratch.scale, &mut scratch.corr);
-        let b = BRef { data: &bwd.data, stride: bwd.stride(), panel0: 0, quad0: self.r0 / QUAD, quads };
-        let rows = RowFactors { scale: &scratch.scale, corr: &scratch.corr };
-        kernel::gemm(dx, a, QUAD * quads, b, rows, None, accumulate);
+        let mut dx = dx;
+        // One product per module the view covers, each quantizing its own share of dY (one
+        // scale per token and module: a scale shared with a module of larger gradients would
+        // coarsen the others'), added up in row order.
+        let (end, m) = (self.r0 + self.rows, &self.packed.modules);
+        let cuts = m.iter().copied().filter(|&c| c > self.r0 && c < end);
+        let bounds: Vec<usize> = std::iter::once(self.r0).chain(cuts).chain(std::iter::once(end)).collect();
+        for (i, w) in bounds.windows(2).enumerate() {
+            let (s, e) = (w[0], w[1]);
+            // A module starts a panel (16 rows), so its rows are a run of quads; a last quad
+            // that reaches into the next module's rows meets zeros in the padded activations.
+            let quads = (e - s).div_ceil(QUAD);
+            let row_scale = Some(&self.packed.scales[s..e]);
+            let dy_m = dy.sub(0, n, s - self.r0, e - s);
+            let (buf, scale, corr) = (&mut scratch.narrow, &mut scratch.scale, &mut scratch.corr);
+            let a = quantize(dy_m, row_scale, f32::INFINITY, quads, buf, scale, corr);
+            let b = BRef { data: &bwd.data, stride: bwd.stride(), panel0: 0, quad0: s / QUAD, quads };
+            let rows = RowFactors { scale: &scratch.scale, corr: &scratch.corr };
+            kernel::gemm(dx.rb(), a, QUAD * quads, b, rows, None, accumulate || i > 0);
+        }
     }
 }
 
