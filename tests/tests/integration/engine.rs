@@ -107,11 +107,14 @@ fn engine_equals_reference_with_an_int8_base() {
         // Through the int8 kernel (one scale per row, a CPU with VNNI) the activations are
         // quantized per token, and the two paths' inputs differ in the last bits (padded
         // graph, unpadded engine): where one sits on a rounding boundary its int8 value
-        // differs by one step. Measured over 35 random adapters: most runs agree to 1e-7
-        // (loss) and 1e-6 (gradients); the runs with such a flip to at most 4.6e-5 and 7.7e-3.
-        // The dequantizing path (groups) has no such step and keeps the tight bounds.
+        // differs by one step (the engine's one q|k|v product also adds in another order than
+        // the graph's three). Measured over 30 random adapters: at most 2.5e-4 (loss) and
+        // 1.6e-2 (gradients); runs without such a flip agree to 1e-7 and 1e-6. The
+        // dequantizing path (groups) has no such step and keeps the tight bounds. (What these
+        // bounds cannot tell apart, e.g. one dY scale across q|k|v, fused_int8.rs checks bit
+        // for bit.)
         let kernel = group.is_none() && lorafleet_kernels::fused::int8::kernels_available();
-        let tol = if kernel { (2e-4, 3e-2) } else { (1e-6, 1e-5) };
+        let tol = if kernel { (1e-3, 5e-2) } else { (1e-6, 1e-5) };
         assert_close(&m, &a, &uneven_batches(512), &format!("int8 group {group:?}"), tol);
     }
 }
