@@ -129,7 +129,8 @@ impl Llama {
                 }
             }
             let linears = match quantization {
-                Quantization::Bf16 | Quantization::Int8 { group: None } if linear_device.is_cpu() => {
+                // (int8 is quantized on the host for any device: only a CPU model shares packs.)
+                Quantization::Bf16 | Quantization::Int8 { group: None } if device.is_cpu() => {
                     shared_linears(weights, biases, quantization)?
                 }
                 _ => weights
