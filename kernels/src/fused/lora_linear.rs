@@ -10,9 +10,8 @@
 use super::bf16::{Bf16Scratch, Bf16Weight};
 use super::gemm::{matmul, MatMut, MatRef, Par};
 use super::int8::{Int8Scratch, Int8Weight};
+use super::keystream::Keystream;
 use candle_core::{Result, Tensor};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
 /// A frozen `[out, in]` weight as stored: full precision, bf16 (`torch_dtype = bf16`), or
@@ -72,8 +71,8 @@ pub struct Dropout<'a> {
 /// dispatch costs more than a second thread gains (measured 68 vs 81 µs for 1250×160·160×8).
 const LOW: Par = Par::Seq;
 
-/// Draws per refill of the mask generator: one ChaCha block run, converted in a loop the
-/// compiler vectorizes.
+/// Draws per refill of the mask generator: one 16-block keystream pass, converted in a loop
+/// the compiler vectorizes.
 const DRAWS: usize = 256;
 
 impl Dropout<'_> {
@@ -93,11 +92,11 @@ impl Dropout<'_> {
             rest = tail;
         }
         parts.into_par_iter().zip(self.keys.par_iter()).for_each(|(part, &key)| {
-            let mut rng = ChaCha8Rng::seed_from_u64(key);
+            let mut stream = Keystream::from_u64(key);
             let (mut words, mut mask) = ([0u32; DRAWS], [0f32; DRAWS]);
             for chunk in part.chunks_mut(DRAWS) {
                 let words = &mut words[..chunk.len()];
-                rng.fill(words);
+                stream.fill(words);
                 super::simd::vectorized(|| {
                     for (m, &w) in mask.iter_mut().zip(words.iter()) {
                         let u = (w >> 8) as f32 * (1.0 / 16_777_216.0);

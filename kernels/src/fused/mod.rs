@@ -14,6 +14,7 @@ pub mod bf16;
 pub mod gemm;
 pub mod head_loss;
 pub mod int8;
+pub mod keystream;
 pub mod lora_linear;
 pub mod math;
 pub mod narrow;

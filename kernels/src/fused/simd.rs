@@ -34,6 +34,13 @@ fn arch() -> pulp::Arch {
     }
 }
 
+/// Whether the baseline instructions are forced (`LORAFLEET_SIMD=baseline` or
+/// [`force_baseline`]): hand-written kernels that are not [`vectorized`] closures (the
+/// dropout keystream) take their scalar bodies then too.
+pub(crate) fn baseline_forced() -> bool {
+    matches!(arch(), pulp::Arch::Scalar)
+}
+
 /// The CPU's best instruction sets, detected once (the calls come once per row).
 fn best() -> pulp::Arch {
     static BEST_ARCH: OnceLock<pulp::Arch> = OnceLock::new();
