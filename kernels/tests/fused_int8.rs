@@ -173,3 +173,36 @@ fn a_shared_pack_reduces_each_modules_gradient_on_its_own() {
         }
     }
 }
+
+#[test]
+fn a_nan_or_an_infinity_makes_its_row_non_finite_as_in_f32() {
+    if !kernels_available() {
+        return;
+    }
+    // Forward: a NaN (an outlier-sized value in f32's eyes) and an infinity in two tokens'
+    // features; backward: the same in dY, where nothing is an outlier. Only those rows of
+    // the result are non-finite, and all of their elements are, as the f32 product's are.
+    let (n, out, inp) = (6, 32, 40);
+    let (_, packed) = weight(out, inp);
+    let mut scratch = Int8Scratch::default();
+    let mut x = activations(n, inp, 11);
+    x[inp + 5] = f32::NAN;
+    x[3 * inp + 7] = f32::NEG_INFINITY;
+    let mut y = vec![0f32; n * out];
+    packed.full().forward(MatRef::new(&x, n, inp), MatMut::new(&mut y, n, out), &mut scratch);
+    let mut dy = activations(n, out, 13);
+    dy[2 * out] = f32::NAN;
+    dy[4 * out + 9] = f32::INFINITY;
+    let mut dx = vec![0f32; n * inp];
+    packed.full().backward(MatRef::new(&dy, n, out), MatMut::new(&mut dx, n, inp), false, &mut scratch);
+    for (what, v, cols, bad) in [("forward", &y, out, [1, 3]), ("backward", &dx, inp, [2, 4])] {
+        for i in 0..n {
+            let row = &v[i * cols..(i + 1) * cols];
+            if bad.contains(&i) {
+                assert!(row.iter().all(|v| !v.is_finite()), "{what} row {i}: {row:?}");
+            } else {
+                assert!(row.iter().all(|v| v.is_finite()), "{what} row {i}: {row:?}");
+            }
+        }
+    }
+}

@@ -373,6 +373,7 @@ mod kernel {
     /// its elements of magnitude up to `limit` (`q = round(v·127 / absmax)`, nearest, ties to
     /// even; 0 for the elements above `limit`, which the caller takes in f32) into `dst`,
     /// zeros past `src.len()`; returns the scale `absmax / 127` and the correction `128·Σ q`.
+    /// A row holding a NaN or an infinity gets a NaN scale, so its products are NaN as in f32.
     pub(super) fn quantize_row(src: &[f32], mul: Option<&[f32]>, limit: f32, dst: &mut [i8]) -> (f32, i32) {
         assert!(dst.len() >= src.len() && mul.is_none_or(|m| m.len() >= src.len()));
         assert!(detected(), "int8 quantization without AVX-512");
@@ -397,12 +398,23 @@ mod kernel {
             let v = load(c, mask);
             _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_LE_OQ>(_mm512_abs_ps(v), limit), v)
         };
-        let mut max = _mm512_setzero_ps();
+        let (mut max, mut non_finite) = (_mm512_setzero_ps(), 0);
+        let inf = _mm512_set1_ps(f32::INFINITY);
         for c in (0..k).step_by(PANEL) {
-            max = _mm512_max_ps(max, _mm512_abs_ps(inliers(c, lanes(k - c))));
+            let mask = lanes(k - c);
+            max = _mm512_max_ps(max, _mm512_abs_ps(inliers(c, mask)));
+            non_finite |= _mm512_mask_cmp_ps_mask::<_CMP_NLT_UQ>(mask, _mm512_abs_ps(load(c, mask)), inf);
+        }
+        if non_finite != 0 {
+            // A NaN or an infinity makes every product of the row non-finite in f32; a NaN
+            // scale says so (an int8 row has no way to).
+            dst.fill(0);
+            return (f32::NAN, 0);
         }
         let absmax = _mm512_reduce_max_ps(max);
-        let inv = _mm512_set1_ps(if absmax > 0.0 { 127.0 / absmax } else { 0.0 });
+        // A row of zeros (or of magnitudes too small for 127 / absmax) quantizes to zeros.
+        let inv = 127.0 / absmax;
+        let inv = _mm512_set1_ps(if absmax > 0.0 && inv.is_finite() { inv } else { 0.0 });
         let (lo, hi) = (_mm512_set1_epi32(-127), _mm512_set1_epi32(127));
         let mut sum = _mm512_setzero_si512();
         for c in (0..k).step_by(PANEL) {
