@@ -1,5 +1,7 @@
-//! Every op's CUDA body against its CPU body (run by `tools/gpu-check.sh` on a GPU machine),
-//! and the int8 linear's throughput against cuBLAS bf16 on 7B layer shapes (printed).
+//! Every op's CUDA body against its CPU body (run by `tools/gpu-check.sh` on a GPU machine):
+//! the candle custom ops, and the training engine's fused ops through their reference bodies
+//! (candle tensor ops: what a non-CPU device runs; `fused_*.rs` prove them equal to the CPU
+//! bodies); and the int8 linear's throughput against cuBLAS bf16 on 7B layer shapes (printed).
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -52,6 +54,50 @@ fn cuda_bodies_equal_cpu_bodies() {
     let head = Tensor::randn(0f32, 0.1, (1000, 64), &Device::Cpu).unwrap();
     let targets = [1u32, 5, 999, 0, 7, 7, 42];
     same_on_both(&hidden, 1e-3, |x, d| lm_head_cross_entropy(x, &head.to_device(d).unwrap(), &targets).unwrap());
+}
+
+#[test]
+fn fused_ops_reference_bodies_run_on_cuda() {
+    use lorafleet_kernels::fused::attention::{self, AttentionShape};
+    use lorafleet_kernels::fused::{head_loss, lora_linear, rms_norm, rope, swiglu};
+    let cpu = Device::Cpu;
+    let on = |t: &Tensor, d: &Device| t.to_device(d).unwrap();
+    // 37 tokens in sequences of 20 and 17, hidden 64.
+    let (n, h) = (37, 64);
+    let cu = [0usize, 20, 37];
+    let x = Tensor::randn(0f32, 1.0, (n, h), &cpu).unwrap();
+
+    // LoRA linear with bias and keyed dropout (the mask is drawn on the host, applied on the device).
+    let w = Tensor::randn(0f32, 0.1, (96, h), &cpu).unwrap();
+    let bias = Tensor::randn(0f32, 0.1, 96, &cpu).unwrap();
+    let (a, b) = (Tensor::randn(0f32, 0.1, (8, h), &cpu).unwrap(), Tensor::randn(0f32, 0.1, (96, 8), &cpu).unwrap());
+    let keys = [3u64, 4];
+    let drop = lora_linear::Dropout { p: 0.1, keep: (1.0 / 0.9f64) as f32, keys: &keys, cu_seqlens: &cu };
+    same_on_both(&x, 1e-4, |x, d| {
+        let lora = Some((&on(&a, d), &on(&b, d), 2.0, Some(&drop)));
+        lora_linear::reference(x, &on(&w, d), Some(&on(&bias, d)), lora).unwrap()
+    });
+
+    let norm_w = Tensor::randn(1f32, 0.1, h, &cpu).unwrap();
+    same_on_both(&x, 1e-4, |x, d| rms_norm::reference(x, &on(&norm_w, d), 1e-6).unwrap());
+
+    // RoPE over 4 heads of 16 at positions restarting per sequence.
+    let positions: Vec<u32> = cu.windows(2).flat_map(|s| 0..(s[1] - s[0]) as u32).collect();
+    let angles = Tensor::arange(0f32, 64.0 * 8.0, &cpu).unwrap().reshape((64, 8)).unwrap().affine(0.01, 0.0).unwrap();
+    let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+    same_on_both(&x, 1e-4, |x, d| rope::reference(x, &positions, &on(&cos, d), &on(&sin, d), 16).unwrap());
+
+    let g = Tensor::randn(0f32, 1.0, (n, h), &cpu).unwrap();
+    same_on_both(&x, 1e-4, |x, d| swiglu::reference(x, &on(&g, d)).unwrap());
+
+    // Attention: GQA (4 query heads over 2 kv heads of 16), a sliding window, two sequences.
+    let shape = AttentionShape { heads: 4, kv_heads: 2, head_dim: 16, window: Some(9), scale: 0.25 };
+    let (k, v) = (Tensor::randn(0f32, 1.0, (n, 32), &cpu).unwrap(), Tensor::randn(0f32, 1.0, (n, 32), &cpu).unwrap());
+    same_on_both(&x, 1e-4, |q, d| attention::reference(&shape, &cu, q, &on(&k, d), &on(&v, d)).unwrap());
+
+    let head = Tensor::randn(0f32, 0.1, (1000, h), &cpu).unwrap();
+    let targets: Vec<u32> = (0..n as u32).map(|i| (i * 37) % 1000).collect();
+    same_on_both(&x, 1e-3, |x, d| head_loss::reference(x, &on(&head, d), &targets).unwrap());
 }
 
 #[test]
