@@ -19,6 +19,9 @@ One training step = zero_grad + forward (with loss) + backward + AdamW step, in 
 --warmup steps run first and are not timed; then --steps timed steps. tokens/s = non-padding
 tokens of the batch / median timed step. Peak RSS = resource.getrusage ru_maxrss at the end.
 Gradient checkpointing = gradient_checkpointing_enable(use_reentrant=False) before get_peft_model.
+--device cuda[:N]: the base model in bf16 on that GPU (the LoRA weights stay float32, PEFT's
+autocast_adapter_dtype default), each step timed to a torch.cuda.synchronize(); the JSON adds
+gpu_peak_mib (torch.cuda.max_memory_allocated).
 
 Usage: python tools/peft_bench.py --threads 2 --grad-ckpt off --steps 5 --json
 """
@@ -64,6 +67,7 @@ def parse():
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa", help="attention implementation")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda[:N] (the base in bf16 there)")
     ap.add_argument("--json", action="store_true", help="also print one JSON line with the results (last line)")
     return ap.parse_args()
 
@@ -135,11 +139,16 @@ def main():
     shape["max_position_embeddings"] = max(shape.get("max_position_embeddings", 2048), args.seq, 2048)
     cfg = LlamaConfig(**shape, use_cache=False)
     cfg._attn_implementation = args.attn
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
     t0 = time.perf_counter()
     if args.weights:
-        model = LlamaForCausalLM.from_pretrained(args.weights, config=cfg, dtype=torch.float32)
+        model = LlamaForCausalLM.from_pretrained(args.weights, config=cfg, dtype=dtype).to(device)
     else:
-        model = LlamaForCausalLM(cfg).to(torch.float32)
+        with device:
+            model = LlamaForCausalLM(cfg)
+        model = model.to(dtype)
     if args.grad_ckpt == "on":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lcfg = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
@@ -155,6 +164,8 @@ def main():
 
     input_ids, attention_mask, labels, tokens = make_batch(args, cfg.vocab_size, torch)
     rows, seq = input_ids.shape
+    input_ids, labels = input_ids.to(device), labels.to(device)
+    attention_mask = None if attention_mask is None else attention_mask.to(device)
 
     print(f"python {platform.python_version()}  torch {torch.__version__}  transformers {transformers.__version__}  "
           f"peft {peft.__version__}", flush=True)
@@ -170,6 +181,8 @@ def main():
         out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False)
         out.loss.backward()
         opt.step()
+        if gpu:
+            torch.cuda.synchronize(device)
         dt = time.perf_counter() - t
         loss = out.loss.item()
         tag = "warmup" if i < args.warmup else "timed"
@@ -180,6 +193,7 @@ def main():
 
     med = statistics.median(times)
     peak = rss_peak_mib()
+    gpu_peak = torch.cuda.max_memory_allocated(device) / 2**20 if gpu else None
     print(f"RESULT tokens/s (median of {len(times)} timed steps) = {tokens / med:.1f}   "
           f"median step = {med:.3f} s   peak RSS = {peak:.0f} MiB", flush=True)
     if args.json:
@@ -188,6 +202,7 @@ def main():
                               median_step_seconds=med, tokens_per_second=tokens / med, peak_rss_mib=peak,
                               rss_after_build_mib=rss_after_build, rss_after_imports_mib=rss_after_imports,
                               params_total=n_total, params_trainable=n_train, losses=losses,
+                              device=args.device, gpu_peak_mib=gpu_peak,
                               torch=torch.__version__, transformers=transformers.__version__,
                               peft=peft.__version__)), flush=True)
 

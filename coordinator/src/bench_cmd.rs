@@ -91,6 +91,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
         workloads = vec![BenchWorkload::M58, BenchWorkload::M135];
     }
     workloads.dedup();
+    if args.device != "cpu" {
+        anyhow::ensure!(
+            !workloads.contains(&BenchWorkload::Demo),
+            "--device {}: the demo workload runs on the CPU (drop --workload demo)",
+            args.device
+        );
+        anyhow::ensure!(
+            reference.is_some(),
+            "--device {}: no PyTorch figures are recorded for a GPU; give --reference-python",
+            args.device
+        );
+    }
     let ckpts: &[bool] = match args.checkpointing {
         OffOnBoth::Off => &[false],
         OffOnBoth::On => &[true],
@@ -179,7 +191,8 @@ fn theirs(args: &BenchArgs, reference: Option<&Reference>, m: &mut Measured, lab
     let Some(r) = reference else { return Ok(()) };
     let v = match &m.config.step {
         Some((shape, dir, batch)) => {
-            r.step(dir, args.same_weights, batch, m.config.ckpt, shape.lora, args.steps, args.warmup)
+            let run = bench_reference::StepRun { load: args.same_weights, ckpt: m.config.ckpt, lora: shape.lora };
+            r.step(dir, batch, run, &args.device, args.steps, args.warmup)
         }
         None => r.demo(args.demo_steps, args.warmup),
     }
@@ -214,6 +227,7 @@ fn ours(args: &BenchArgs, config: &Config, variant: &str) -> Result<Value> {
     let demo = if variant == "f32" { "demo".to_string() } else { format!("demo-{variant}") };
     let only = if config.step.is_some() { variant } else { &demo };
     c.args(["bench", "--only", only, "--steps", &args.steps.to_string(), "--warmup", &args.warmup.to_string()])
+        .args(["--device", &args.device])
         .env("RAYON_NUM_THREADS", args.threads.to_string());
     match &config.step {
         Some((shape, dir, _)) => {
@@ -302,6 +316,9 @@ fn print_report(args: &BenchArgs, reference: Option<&Reference>, results: &[Meas
         ));
     }
     println!("{}; {} thread(s) a side, {} round(s)", what.join("; "), args.threads, args.rounds);
+    if args.device != "cpu" {
+        println!("device {}: both sides compute the base in bf16 (LoRA in f32); peak RSS is host memory", args.device);
+    }
     match reference {
         Some(r) => println!("PyTorch + PEFT measured in this run: {} ({})", r.python.display(), r.versions),
         None => println!(
@@ -462,6 +479,7 @@ fn json_report(args: &BenchArgs, reference: Option<&Reference>, results: &[Measu
     json!({
         "reference": reference.map(|r| json!({"python": r.python.display().to_string(), "versions": r.versions})),
         "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "threads": args.threads,
+        "device": args.device,
         "demo_steps": args.demo_steps, "same_weights": args.same_weights, "results": rows,
     })
 }

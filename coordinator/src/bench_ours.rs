@@ -35,6 +35,11 @@ pub static M58: Shape = Shape { name: "58m", config: config_58m, lora: (8, 8.0, 
 /// LoRA r 8, alpha 16, dropout 0.05.
 pub static M135: Shape = Shape { name: "135m", config: config_135m, lora: (8, 16.0, 0.05) };
 
+/// Llama 3.2 1B's shape (without its RoPE scaling): hidden 2048, 16 layers, 32 heads / 8 kv
+/// heads (head_dim 64), intermediate 8192, vocab 128256, tied embeddings, rope theta 500000;
+/// LoRA r 16, alpha 32, dropout 0.05. The GPU workload of `tools/gpu-check.sh`.
+pub static B1: Shape = Shape { name: "1b", config: config_1b, lora: (16, 32.0, 0.05) };
+
 fn config_58m() -> Value {
     json!({
         "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 32000, "hidden_size": 512,
@@ -54,11 +59,22 @@ fn config_135m() -> Value {
     })
 }
 
+fn config_1b() -> Value {
+    json!({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 2048,
+        "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "head_dim": 64, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+        "tie_word_embeddings": true, "torch_dtype": "float32", "hidden_act": "silu", "bos_token_id": 1,
+        "eos_token_id": 2
+    })
+}
+
 /// The shape of a step workload (`None` for `demo`).
 pub fn shape(w: BenchWorkload) -> Option<&'static Shape> {
     match w {
         BenchWorkload::M58 => Some(&M58),
         BenchWorkload::M135 => Some(&M135),
+        BenchWorkload::B1 => Some(&B1),
         BenchWorkload::Demo => None,
     }
 }
@@ -178,7 +194,7 @@ pub fn child(args: &BenchArgs, only: &str) -> Result<()> {
 /// (`torch_dtype = bf16`: the block linears unless int8, and the head).
 fn step(args: &BenchArgs, int8: bool, bf16: bool) -> Result<Value> {
     let workload = *args.workloads.first().context("--only needs --workload")?;
-    let shape = shape(workload).context("--only f32/int8 needs a step workload (58m, 135m)")?;
+    let shape = shape(workload).context("--only f32/int8 needs a step workload (58m, 135m, 1b)")?;
     let dir = args.model.as_deref().context("--only needs --model")?;
     let ckpt = match args.checkpointing {
         OffOnBoth::Off => false,
@@ -187,10 +203,11 @@ fn step(args: &BenchArgs, int8: bool, bf16: bool) -> Result<Value> {
     };
     anyhow::ensure!(args.batches != BenchBatches::Both, "--only needs --batches random or instruction");
     anyhow::ensure!(args.steps > 0, "--steps must be at least 1");
-    let model = Arc::new(lorafleet_worker::device::load_model(dir, &Device::Cpu, int8, None, bf16)?);
+    let device = lorafleet_worker::device::parse(&args.device)?;
+    let model = Arc::new(lorafleet_worker::device::load_model(dir, &device, int8, None, bf16)?);
     let (r, alpha, dropout) = shape.lora;
     let lora = LoraConfig { r, lora_alpha: alpha, lora_dropout: dropout, ..LoraConfig::default() };
-    let adapter = LoraAdapter::init(lora, model.config(), 0, &Device::Cpu)?;
+    let adapter = LoraAdapter::init(lora, model.config(), 0, &device)?;
     let mut replica = Replica::new(model.clone(), adapter, AdamWConfig::default(), Box::new(SingleRank), 0)?;
     replica.set_gradient_checkpointing(ckpt);
     let batch = batch(args.batches, model.config().vocab_size);

@@ -52,6 +52,17 @@ pub fn recorded(workload: &str, batches: &str, ckpt: &str) -> Option<(f64, Optio
         .map(|r| (r.tokens_per_second, r.peak_rss_mib, r.source))
 }
 
+/// What one PyTorch step run trains with, beside the model and the batch.
+#[derive(Clone, Copy, Debug)]
+pub struct StepRun {
+    /// Load the model folder's weights (`--same-weights`) instead of a random init.
+    pub load: bool,
+    /// Activation checkpointing.
+    pub ckpt: bool,
+    /// LoRA rank, alpha and dropout.
+    pub lora: (usize, f64, f64),
+}
+
 /// A `--reference-python` interpreter that imports torch, transformers and peft.
 pub struct Reference {
     pub python: PathBuf,
@@ -108,22 +119,21 @@ impl Reference {
     }
 
     /// `tools/peft_bench.py` on the model shape of `model`'s config.json (its weights too with
-    /// `load`) and the batch of `batch_file`.
-    #[allow(clippy::too_many_arguments)]
+    /// `run.load`) and the batch of `batch_file`, on `device` (`cpu`, `cuda[:N]`).
     pub fn step(
         &self,
         model: &Path,
-        load: bool,
         batch_file: &Path,
-        ckpt: bool,
-        lora: (usize, f64, f64),
+        run: StepRun,
+        device: &str,
         steps: usize,
         warmup: usize,
     ) -> Result<Value> {
+        let StepRun { load, ckpt, lora } = run;
         let mut c = self.command();
         c.arg(tools_dir().join("peft_bench.py"))
             .args(["--json", "--threads", &self.threads.to_string(), "--grad-ckpt", if ckpt { "on" } else { "off" }])
-            .args(["--steps", &steps.to_string(), "--warmup", &warmup.to_string()])
+            .args(["--steps", &steps.to_string(), "--warmup", &warmup.to_string(), "--device", device])
             .arg(if load { "--weights" } else { "--config" })
             .arg(if load { model.to_path_buf() } else { model.join("config.json") })
             .arg("--batch-file")

@@ -53,6 +53,10 @@ pub enum BenchWorkload {
     M135,
     /// The demo's training (demo/demo.toml) for `--demo-steps` steps (slow: not in the default).
     Demo,
+    /// A 1.2B Llama of Llama 3.2 1B's shape (hidden 2048, 16 layers, GQA 32/8, vocab 128256,
+    /// tied): the GPU workload (`--device cuda`; hours on a CPU).
+    #[value(name = "1b")]
+    B1,
 }
 
 /// `off`, `on` or both (in turn).
@@ -103,15 +107,20 @@ pub struct BenchArgs {
     /// Workloads to run (repeat; default: 58m and 135m).
     #[arg(long = "workload", value_enum)]
     pub workloads: Vec<BenchWorkload>,
-    /// Activation checkpointing for the 58m and 135m workloads (both sides).
+    /// Activation checkpointing for the step workloads (58m, 135m, 1b; both sides).
     #[arg(long, value_enum, default_value_t = OffOnBoth::Both)]
     pub checkpointing: OffOnBoth,
-    /// Batches for the 58m and 135m workloads.
+    /// Batches for the step workloads (58m, 135m, 1b).
     #[arg(long, value_enum, default_value_t = BenchBatches::Both)]
     pub batches: BenchBatches,
     /// Optimizer steps of the `demo` workload, warm-up included (324: the whole demo).
     #[arg(long = "demo-steps", default_value_t = 60)]
     pub demo_steps: usize,
+    /// Device of both sides' step workloads: `cpu`, or `cuda[:N]`, where both compute in bf16
+    /// (the base, as `compute_dtype` has it; LoRA in f32) and ours needs `--features cuda`.
+    /// The demo workload stays on the CPU.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Compute threads on both sides (RAYON_NUM_THREADS for ours; torch.set_num_threads and
     /// OMP/MKL_NUM_THREADS for PyTorch).
     #[arg(long, default_value_t = 2)]
