@@ -1,45 +1,57 @@
 #!/usr/bin/env bash
-# The GPU check, prepared to run in one go on a device machine (see the device tool's README):
-# builds the kernels' CUDA bodies with a real nvcc and runs tests/cuda.rs (every op's CUDA body
-# against its CPU body, and the int8 linear against cuBLAS bf16 on 7B layer shapes), then the
-# data-parallel equivalence with NCCL (two GPUs) or a one-rank NCCL worker (one GPU).
+# The GPU check, prepared to run in one go on a device machine (the device tool's README), over
+# a copy of this checkout and the .gpu/ bundle that tools/gpu-build.sh built here: that machine
+# has the NVIDIA driver, CUDA 13.0's libraries and a Python with torch, transformers and peft,
+# but no Rust toolchain and no registry.
 #
-# Expects: the NVIDIA driver; CUDA 13 runtime libraries (cuBLAS, cuRAND, NVRTC) in a Python
-# site-packages (the H200 image's PyTorch wheels) or under $CUDA_LIBS; pip for nvcc.
-# Output goes to $OUT (device tool) or ./gpu-check.out.
+#   bash tools/gpu-build.sh                                   # here first
+#   device run, carry [".gpu"], timeout_s 600:  bash tools/gpu-check.sh
+#
+# In order (each step's output in $OUT/gpu-check.log; about 8 minutes on an H200):
+# 1. kernels/tests/cuda.rs: every candle op's CUDA body against its CPU body, the engine's fused
+#    ops through their reference bodies on CUDA, and the int8 linear (a tile dequantized to bf16
+#    for cuBLAS) beside cuBLAS bf16 on 7B layer shapes (TFLOP/s printed);
+# 2. tests/tests/cuda.rs: the PEFT fixture through the model on the GPU, in f32 and in bf16;
+# 3. the demo on CUDA in process, then through a real worker process with a one-rank NCCL
+#    communicator (two GPUs: two ranks, twice, bit for bit), adapters compared;
+# 4. `coordinator bench --device cuda --workload 1b` beside PyTorch + PEFT (both bf16), with the
+#    int8 base too: the ~1B-shaped timing.
+# Set GPU_CHECK_SKIP_BENCH=1 to stop after step 3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-$PWD/gpu-check.out}"
 mkdir -p "$out"
 exec > >(tee "$out/gpu-check.log") 2>&1
+[ -f .gpu/bin.tar.xz ] || { echo "no .gpu/bin.tar.xz here: run tools/gpu-build.sh first and carry .gpu" >&2; exit 2; }
+bin="${TMPDIR:-/tmp}/lorafleet-gpu/bin"
+rm -rf "$(dirname "$bin")"
+python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' .gpu/bin.tar.xz "$(dirname "$bin")"
+echo "bundle built from $(cat .gpu/commit), this tree at $(git rev-parse HEAD 2>/dev/null || echo '?')"
+# The binaries hold their build checkout's path (the demo's folder, the fixtures, tools/):
+# point that path at this copy.
+built="$(cat .gpu/build-root)"
+if [ "$built" != "$PWD" ] && [ ! -e "$built" ]; then
+  mkdir -p "$(dirname "$built")"
+  ln -s "$PWD" "$built"
+fi
 
 nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv,noheader || true
-cap="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)"
-export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-$cap}"
+# CUDA's libraries as the image's PyTorch wheels hold them (site-packages/nvidia/*/lib).
+py="${PYTHON:-python3}"
+libs="$("$py" -c 'import nvidia; print(" ".join(nvidia.__path__))' | xargs -n1 -I{} find {} -name 'lib*.so*' -printf '%h\n' | sort -u | tr '\n' ':')"
+export LD_LIBRARY_PATH="${CUDA_LIBS:+$CUDA_LIBS:}$libs${LD_LIBRARY_PATH:-}"
+"$py" -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'
 
-venv="${TMPDIR:-/tmp}/lorafleet-nvcc"
-[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-"$venv/bin/pip" install -q nvidia-cuda-nvcc nvidia-cuda-runtime nvidia-cuda-cccl nvidia-cublas nvidia-curand nvidia-cuda-nvrtc
-nv="$("$venv/bin/python" -c 'import nvidia, os; print(list(nvidia.__path__)[0])')"
-export NVCC="$nv/cu13/bin/nvcc" PATH="$nv/cu13/bin:$PATH"
-libs="$(find "$nv" -name 'lib*.so*' -printf '%h\n' | sort -u | tr '\n' ':')"
-export LD_LIBRARY_PATH="${CUDA_LIBS:-}:$libs${LD_LIBRARY_PATH:-}"
-# The linker wants unversioned names.
-linkdir="$(mktemp -d)"
-for lib in cublas cublasLt curand nvrtc cudart; do
-  f="$(find "$nv" -name "lib$lib.so.*" | head -1)"; [ -n "$f" ] && ln -sf "$f" "$linkdir/lib$lib.so"
-done
-export RUSTFLAGS="-L $linkdir ${RUSTFLAGS:-}"
+step() { printf '\n=== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
 
-cargo test --release -p lorafleet-kernels --features cuda --test cuda -- --nocapture --test-threads 1
+step "1. CUDA bodies against CPU bodies; int8 beside cuBLAS bf16"
+"$bin/kernels-cuda" --nocapture --test-threads 1
+step "2. the PEFT fixture on the GPU"
+"$bin/tests-cuda" --nocapture --test-threads 1
 
-# Data parallelism with NCCL (the `nccl` feature; pip's NCCL wheel provides libnccl).
-"$venv/bin/pip" install -q nvidia-nccl-cu13 || "$venv/bin/pip" install -q nvidia-nccl-cu12
-f="$(find "$nv" -name 'libnccl.so*' | head -1)"; [ -n "$f" ] && ln -sf "$f" "$linkdir/libnccl.so"
-export LD_LIBRARY_PATH="$linkdir:$(dirname "${f:-/}"):$LD_LIBRARY_PATH"
-cargo build --release -p lorafleet-coordinator --features cuda,nccl
+step "3. the demo on CUDA: in process, then through NCCL worker processes"
 gpus="$(nvidia-smi -L | wc -l)"
-run() { target/release/coordinator --demo --device cuda --micro_batch_size 8 --max_steps 20 --save_steps 10 \
+run() { "$bin/coordinator" --demo --device cuda --micro_batch_size 8 --max_steps 20 --save_steps 10 \
           --eval_steps 0 --eval_exact_match false "$@"; }
 run --workers 1 --output_dir "$out/dp1"
 if [ "$gpus" -ge 2 ]; then
@@ -51,11 +63,11 @@ else
   # One GPU: a one-rank NCCL communicator through a real worker process and QUIC.
   run --workers 1 --listen 127.0.0.1:7071 --token gpu-check --tls-dir "$out/tls" --output_dir "$out/dp2-a" &
   sleep 5
-  target/release/worker --join 127.0.0.1:7071 --token gpu-check \
+  "$bin/worker" --join 127.0.0.1:7071 --token gpu-check \
     --fingerprint "$(sha256sum "$out/tls/cert.der" | cut -d' ' -f1)" --device cuda:0
   wait
 fi
-python3 - "$out" <<'PY'
+"$py" - "$out" <<'PY'
 import struct, json, sys, math
 def load(p):
     b = open(p, "rb").read(); n = struct.unpack("<Q", b[:8])[0]; h = json.loads(b[8:8 + n]); d = b[8 + n:]
@@ -66,6 +78,7 @@ num = sum((x - y) ** 2 for k in a for x, y in zip(a[k], b[k])); den = sum(x * x 
 print(f"in-process vs NCCL worker(s): relative difference {math.sqrt(num / den):.3e} (limit 1e-4)")
 PY
 
-# Data-parallel scaling on CPU workers with a core each (the 2-core CI machine oversubscribes
-# 4 workers): the table for docs/perf.md.
-target/release/coordinator bench --scaling --steps 8 --warmup 2 | tee "$out/scaling.md"
+[ "${GPU_CHECK_SKIP_BENCH:-0}" = 1 ] && exit 0
+step "4. a 1B-shaped model on the GPU beside PyTorch + PEFT (bf16 both; ours also with the int8 base)"
+"$bin/coordinator" bench --device cuda --workload 1b --reference-python "$py" --rounds 2 --checkpointing off \
+  --batches random --int8 --steps 5 --warmup 2 | tee "$out/bench-1b.md"
