@@ -3,8 +3,9 @@
 //! Training frees and allocates activation-sized buffers all the time (a larger micro-batch
 //! than any before, gradients, the optimizer's temporaries). glibc's malloc hands large ones
 //! back to the kernel, so they come back as fresh pages that the kernel zeroes on first touch
-//! (a fifth of CPU time on the demo); mimalloc does the same after its purge delay (10 ms),
-//! which still cost the demo 15% of its time in `clear_page`. With purging off, freed memory
+//! (a fifth of CPU time on the demo); mimalloc does the same after its purge delay (1 s in
+//! the v3 build that libmimalloc-sys compiles, `options.c`), which still cost the demo 15% of
+//! its time in `clear_page`. With purging off, freed memory
 //! is reused as it is; the peak resident set is what it was (measured by `bench`), only the
 //! process no longer shrinks below it until it exits.
 

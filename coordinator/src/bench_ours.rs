@@ -175,7 +175,8 @@ pub fn write_model(shape: &Shape, dir: &Path) -> Result<()> {
 /// `tokens_per_second` (non-padding tokens) and `peak_rss_mib` (VmHWM).
 pub fn child(args: &BenchArgs, only: &str) -> Result<()> {
     let (is_demo, variant) = match only.strip_prefix("demo") {
-        Some(rest) => (true, rest.strip_prefix('-').unwrap_or("f32")),
+        Some("") => (true, "f32"),
+        Some(rest) => (true, rest.strip_prefix('-').unwrap_or(rest)),
         None => (false, only),
     };
     let (int8, bf16) = match variant {
