@@ -3,8 +3,9 @@
 //! Release builds target baseline x86-64 (SSE2, 4 lanes) so that one binary runs on every
 //! machine. The loops of SwiGLU, RMSNorm, RoPE, the dropout masks and attention's softmax
 //! are written for the compiler to vectorize; [`vectorized`] compiles the closure it is given
-//! a second time with AVX2 + FMA enabled (pulp's `Arch::dispatch`, the runtime detection the
-//! `gemm` crate already uses for its kernels) and runs that copy where the CPU has them.
+//! again for AVX2 + FMA and for AVX-512 (x86-64-v4: pulp's `Arch::dispatch` with its `x86-v4`
+//! feature, the runtime detection the `gemm` crate uses for its own kernels) and runs the
+//! widest copy the CPU has.
 //! Rust never contracts `a * b + c` into a fused multiply-add and keeps the order of every
 //! reduction, so both copies compute the same bits: the choice changes speed only
 //! (`kernels/tests/fused_simd.rs` checks it). `LORAFLEET_SIMD=baseline` forces the baseline
