@@ -21,6 +21,17 @@ const WIDE: usize = 16;
 const SIGMA: [u32; 4] = [0x6170_7865, 0x3320_646e, 0x7962_2d32, 0x6b20_6574];
 /// Double rounds of ChaCha8.
 const DOUBLE_ROUNDS: usize = 4;
+/// The state words of each quarter round of a double round: the columns, then the diagonals.
+const QUARTERS: [(usize, usize, usize, usize); 8] = [
+    (0, 4, 8, 12),
+    (1, 5, 9, 13),
+    (2, 6, 10, 14),
+    (3, 7, 11, 15),
+    (0, 5, 10, 15),
+    (1, 6, 11, 12),
+    (2, 7, 8, 13),
+    (3, 4, 9, 14),
+];
 
 /// A position in the ChaCha8 stream of one key: [`Keystream::fill`] continues where the
 /// previous call stopped, as `rand_chacha`'s `fill` does.
@@ -94,14 +105,9 @@ fn block_words(key: &[u32; 8], block: u64) -> [u32; BLOCK] {
     let s = initial(key, block);
     let mut x = s;
     for _ in 0..DOUBLE_ROUNDS {
-        quarter(&mut x, 0, 4, 8, 12);
-        quarter(&mut x, 1, 5, 9, 13);
-        quarter(&mut x, 2, 6, 10, 14);
-        quarter(&mut x, 3, 7, 11, 15);
-        quarter(&mut x, 0, 5, 10, 15);
-        quarter(&mut x, 1, 6, 11, 12);
-        quarter(&mut x, 2, 7, 8, 13);
-        quarter(&mut x, 3, 4, 9, 14);
+        for &(a, b, c, d) in &QUARTERS {
+            quarter(&mut x, a, b, c, d);
+        }
     }
     for (o, s) in x.iter_mut().zip(s) {
         *o = o.wrapping_add(s);
@@ -114,7 +120,7 @@ mod wide {
     //! Sixteen blocks at once: vector `i` holds state word `i` of blocks `block..block + 16`,
     //! one per lane.
 
-    use super::{initial, BLOCK, DOUBLE_ROUNDS, WIDE};
+    use super::{initial, BLOCK, DOUBLE_ROUNDS, QUARTERS, WIDE};
     use std::arch::x86_64::*;
 
     pub(super) fn detected() -> bool {
@@ -153,14 +159,9 @@ mod wide {
 
         let mut x = init;
         for _ in 0..DOUBLE_ROUNDS {
-            quarter(&mut x, 0, 4, 8, 12);
-            quarter(&mut x, 1, 5, 9, 13);
-            quarter(&mut x, 2, 6, 10, 14);
-            quarter(&mut x, 3, 7, 11, 15);
-            quarter(&mut x, 0, 5, 10, 15);
-            quarter(&mut x, 1, 6, 11, 12);
-            quarter(&mut x, 2, 7, 8, 13);
-            quarter(&mut x, 3, 4, 9, 14);
+            for &(a, b, c, d) in &QUARTERS {
+                quarter(&mut x, a, b, c, d);
+            }
         }
         for (v, i) in x.iter_mut().zip(init) {
             *v = _mm512_add_epi32(*v, i);
