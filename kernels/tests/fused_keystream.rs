@@ -1,6 +1,7 @@
-//! The dropout keystream equals `rand_chacha`'s ChaCha8 stream word for word, on the
-//! AVX-512 path and on the scalar one (`simd::force_baseline`), whatever the pieces it is
-//! drawn in, and across the block counter's 32-bit carry.
+//! The dropout keystream equals `rand_chacha`'s ChaCha8 stream word for word, with AVX-512
+//! and without (`simd::force_baseline`), whatever the pieces it is drawn in (whole 16-block
+//! passes, partial ones for tails, `rand_chacha` up to a block boundary), and across the block
+//! counter's 32-bit carry.
 //!
 //! One test in its own binary, because the baseline switch is process-wide.
 
@@ -40,6 +41,7 @@ fn keystream_equals_rand_chacha_on_both_paths() {
         (7, 0, 4096 + 37, &[256]),
         (7, 0, 1000, &[1, 255, 256, 17, 512]),
         (u64::MAX, 3, 777, &[300, 5]),
+        (5, 0, 2000, &[100, 3, 200, 64, 63]),
         (9, 16 * 1000 + 9, 513, &[513]),
         (11, carry, 16 * 40 + 3, &[256]),
         (11, carry + 1, 600, &[7, 256]),

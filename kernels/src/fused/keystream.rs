@@ -6,32 +6,21 @@
 //! here: a fifth of the demo's step went to drawing masks. [`Keystream`] produces the same
 //! words (the ChaCha block function is fixed: same key, 64-bit block counter, zero stream
 //! id) with one block per lane of sixteen 512-bit vectors and a 16 × 16 transpose back to
-//! stream order, where the CPU has AVX-512, and with a scalar block function otherwise or
-//! under `LORAFLEET_SIMD=baseline`. `kernels/tests/fused_keystream.rs` checks both against
-//! `rand_chacha` word for word.
+//! stream order, where the CPU has AVX-512. Elsewhere, under `LORAFLEET_SIMD=baseline`, and for
+//! a stream's words before a block boundary or in a short tail, `rand_chacha` itself draws
+//! them (a scalar block function ran at 2.5 ns a word, twice its time).
+//! `kernels/tests/fused_keystream.rs` checks both paths against `rand_chacha` word for word.
 
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 /// Words per ChaCha block.
 const BLOCK: usize = 16;
 /// Blocks one AVX-512 pass produces (one per lane).
 const WIDE: usize = 16;
-/// "expand 32-byte k".
-const SIGMA: [u32; 4] = [0x6170_7865, 0x3320_646e, 0x7962_2d32, 0x6b20_6574];
-/// Double rounds of ChaCha8.
-const DOUBLE_ROUNDS: usize = 4;
-/// The state words of each quarter round of a double round: the columns, then the diagonals.
-const QUARTERS: [(usize, usize, usize, usize); 8] = [
-    (0, 4, 8, 12),
-    (1, 5, 9, 13),
-    (2, 6, 10, 14),
-    (3, 7, 11, 15),
-    (0, 5, 10, 15),
-    (1, 6, 11, 12),
-    (2, 7, 8, 13),
-    (3, 4, 9, 14),
-];
+/// The fewest words worth a 16-block pass for a stream's tail (a pass costs about as much as
+/// 60 words of `rand_chacha`).
+const WIDE_MIN: usize = 64;
 
 /// A position in the ChaCha8 stream of one key: [`Keystream::fill`] continues where the
 /// previous call stopped, as `rand_chacha`'s `fill` does.
@@ -40,14 +29,18 @@ pub struct Keystream {
     key: [u32; 8],
     /// The next word's index in the stream.
     word: u64,
+    /// The same stream through `rand_chacha`: what runs without AVX-512, and for the words
+    /// before a block boundary and a short tail.
+    rng: ChaCha8Rng,
 }
 
 impl Keystream {
     /// The stream of `ChaCha8Rng::seed_from_u64(seed)`, from its first word.
     pub fn from_u64(seed: u64) -> Self {
-        let bytes = ChaCha8Rng::seed_from_u64(seed).get_seed();
+        let rng = ChaCha8Rng::seed_from_u64(seed);
+        let bytes = rng.get_seed();
         let key = std::array::from_fn(|i| u32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap()));
-        Keystream { key, word: 0 }
+        Keystream { key, word: 0, rng }
     }
 
     /// Moves to word `word` of the stream (as `ChaCha8Rng::set_word_pos`).
@@ -60,18 +53,29 @@ impl Keystream {
         let wide = wide::detected() && !super::simd::baseline_forced();
         let mut done = 0;
         while done < out.len() {
-            let block = self.word / BLOCK as u64;
-            let offset = (self.word % BLOCK as u64) as usize;
             let rest = &mut out[done..];
-            let n = if wide && offset == 0 && rest.len() >= WIDE * BLOCK {
-                let dst: &mut [u32; WIDE * BLOCK] = (&mut rest[..WIDE * BLOCK]).try_into().unwrap();
-                // SAFETY: `detected()` said the CPU has AVX-512F.
-                unsafe { wide::blocks16(&self.key, block, dst) };
-                WIDE * BLOCK
+            let offset = (self.word % BLOCK as u64) as usize;
+            let n = if wide && offset == 0 && rest.len() >= WIDE_MIN {
+                let block = self.word / BLOCK as u64;
+                let n = rest.len().min(WIDE * BLOCK);
+                if n == WIDE * BLOCK {
+                    let dst: &mut [u32; WIDE * BLOCK] = (&mut rest[..n]).try_into().unwrap();
+                    // SAFETY: `detected()` said the CPU has AVX-512F.
+                    unsafe { wide::blocks16(&self.key, block, dst) };
+                } else {
+                    let mut buf = [0u32; WIDE * BLOCK];
+                    // SAFETY: as above.
+                    unsafe { wide::blocks16(&self.key, block, &mut buf) };
+                    rest[..n].copy_from_slice(&buf[..n]);
+                }
+                n
             } else {
-                let words = block_words(&self.key, block);
-                let n = (BLOCK - offset).min(rest.len());
-                rest[..n].copy_from_slice(&words[offset..offset + n]);
+                // Up to the next block boundary when the wide path can take over there.
+                let n = if wide && offset != 0 { (BLOCK - offset).min(rest.len()) } else { rest.len() };
+                if self.rng.get_word_pos() != u128::from(self.word) {
+                    self.rng.set_word_pos(u128::from(self.word));
+                }
+                self.rng.fill(&mut rest[..n]);
                 n
             };
             done += n;
@@ -80,48 +84,40 @@ impl Keystream {
     }
 }
 
-/// The ChaCha state of one block: constants, key, 64-bit block counter, zero stream id.
-fn initial(key: &[u32; 8], block: u64) -> [u32; BLOCK] {
-    let mut s = [0u32; BLOCK];
-    s[..4].copy_from_slice(&SIGMA);
-    s[4..12].copy_from_slice(key);
-    s[12] = block as u32;
-    s[13] = (block >> 32) as u32;
-    s
-}
-
-/// One block of the stream, scalar (RFC 8439's quarter round, 8 rounds).
-fn block_words(key: &[u32; 8], block: u64) -> [u32; BLOCK] {
-    fn quarter(x: &mut [u32; BLOCK], a: usize, b: usize, c: usize, d: usize) {
-        x[a] = x[a].wrapping_add(x[b]);
-        x[d] = (x[d] ^ x[a]).rotate_left(16);
-        x[c] = x[c].wrapping_add(x[d]);
-        x[b] = (x[b] ^ x[c]).rotate_left(12);
-        x[a] = x[a].wrapping_add(x[b]);
-        x[d] = (x[d] ^ x[a]).rotate_left(8);
-        x[c] = x[c].wrapping_add(x[d]);
-        x[b] = (x[b] ^ x[c]).rotate_left(7);
-    }
-    let s = initial(key, block);
-    let mut x = s;
-    for _ in 0..DOUBLE_ROUNDS {
-        for &(a, b, c, d) in &QUARTERS {
-            quarter(&mut x, a, b, c, d);
-        }
-    }
-    for (o, s) in x.iter_mut().zip(s) {
-        *o = o.wrapping_add(s);
-    }
-    x
-}
-
 #[cfg(target_arch = "x86_64")]
 mod wide {
     //! Sixteen blocks at once: vector `i` holds state word `i` of blocks `block..block + 16`,
     //! one per lane.
 
-    use super::{initial, BLOCK, DOUBLE_ROUNDS, QUARTERS, WIDE};
+    use super::{BLOCK, WIDE};
     use std::arch::x86_64::*;
+
+    /// "expand 32-byte k".
+    const SIGMA: [u32; 4] = [0x6170_7865, 0x3320_646e, 0x7962_2d32, 0x6b20_6574];
+    /// Double rounds of ChaCha8.
+    const DOUBLE_ROUNDS: usize = 4;
+    /// The state words of each quarter round of a double round: the columns, then the
+    /// diagonals (RFC 8439).
+    const QUARTERS: [(usize, usize, usize, usize); 8] = [
+        (0, 4, 8, 12),
+        (1, 5, 9, 13),
+        (2, 6, 10, 14),
+        (3, 7, 11, 15),
+        (0, 5, 10, 15),
+        (1, 6, 11, 12),
+        (2, 7, 8, 13),
+        (3, 4, 9, 14),
+    ];
+
+    /// The ChaCha state of one block: constants, key, 64-bit block counter, zero stream id.
+    fn initial(key: &[u32; 8], block: u64) -> [u32; BLOCK] {
+        let mut s = [0u32; BLOCK];
+        s[..4].copy_from_slice(&SIGMA);
+        s[4..12].copy_from_slice(key);
+        s[12] = block as u32;
+        s[13] = (block >> 32) as u32;
+        s
+    }
 
     pub(super) fn detected() -> bool {
         is_x86_feature_detected!("avx512f")
