@@ -32,7 +32,10 @@ export NVCC="$nv/cu13/bin/nvcc" PATH="$nv/cu13/bin:$PATH" CUDA_COMPUTE_CAP="${CU
 # The linker wants unversioned names; libcuda (the driver) is not on PyPI: a stub that defines
 # every driver symbol cudarc declares, with the real library's SONAME, so the binaries ask for
 # the real libcuda.so.1 at run time.
-link="$(mktemp -d)"
+# A fixed folder: its path is part of RUSTFLAGS, which cargo's fingerprints include.
+export CARGO_TARGET_DIR="${GPU_TARGET_DIR:-$root/target/gpu}"
+link="$CARGO_TARGET_DIR/cuda-link"
+mkdir -p "$link"
 for lib in cublas cublasLt curand nvrtc cudart nccl; do
   f="$(find "$nv" -name "lib$lib.so.*" | sort | head -1)"
   [ -n "$f" ] || { echo "lib$lib not found under $nv" >&2; exit 1; }
@@ -45,8 +48,8 @@ print(pkg["manifest_path"].rsplit("/", 1)[0] + "/src/driver/sys/mod.rs")')"
 grep -o 'fn cu[A-Za-z0-9_]*(' "$sys" | sort -u | sed 's/^fn \(.*\)($/void \1(void) {}/' >"$link/cuda_stub.c"
 gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$link/libcuda.so" "$link/cuda_stub.c"
 export RUSTFLAGS="-L $link ${RUSTFLAGS:-}"
-# A target folder of its own: the cuda features would otherwise rebuild the CPU build's crates.
-export CARGO_TARGET_DIR="${GPU_TARGET_DIR:-$root/target/gpu}"
+# (A target folder of its own, above: the cuda features would otherwise rebuild the CPU
+# build's crates.)
 
 rm -rf "$bundle"
 stage="$(mktemp -d)"
@@ -70,6 +73,6 @@ du -sh "$stage"/bin/*
 # One archive: the binaries share most of their bytes (the PTX), which xz's 64 MiB window finds.
 tar -C "$stage" -cf - bin | xz -9 -T1 >"$bundle/bin.tar.xz"
 echo "$root" >"$bundle/build-root"
-git rev-parse HEAD >"$bundle/commit"
-rm -rf "$link" "$stage"
+{ git rev-parse HEAD; if [ -z "$(git status --porcelain --untracked-files=no)" ]; then echo clean; else echo modified; fi; } >"$bundle/commit"
+rm -rf "$stage"
 echo "carry .gpu: $(du -sh "$bundle" | cut -f1), the working tree $(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1) bytes (the device tool's limit: 64 MiB together)"

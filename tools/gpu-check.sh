@@ -26,20 +26,30 @@ exec > >(tee "$out/gpu-check.log") 2>&1
 bin="${TMPDIR:-/tmp}/lorafleet-gpu/bin"
 rm -rf "$(dirname "$bin")"
 python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' .gpu/bin.tar.xz "$(dirname "$bin")"
-echo "bundle built from $(cat .gpu/commit), this tree at $(git rev-parse HEAD 2>/dev/null || echo '?')"
+here="$(git rev-parse HEAD 2>/dev/null || echo '?')"
+echo "bundle built from $(cat .gpu/commit), this tree at $here"
+if [ "$(head -1 .gpu/commit)" != "$here" ] || [ "$(sed -n 2p .gpu/commit)" != "clean" ]; then
+  echo "WARNING: the bundle is not this tree's clean HEAD: rebuild with tools/gpu-build.sh" >&2
+fi
 # The binaries hold their build checkout's path (the demo's folder, the fixtures, tools/):
 # point that path at this copy.
 built="$(cat .gpu/build-root)"
-if [ "$built" != "$PWD" ] && [ ! -e "$built" ]; then
-  mkdir -p "$(dirname "$built")"
-  ln -s "$PWD" "$built"
+if [ "$built" != "$PWD" ]; then
+  if [ ! -e "$built" ]; then
+    mkdir -p "$(dirname "$built")"
+    ln -s "$PWD" "$built"
+  elif [ "$(readlink -f "$built")" != "$(readlink -f "$PWD")" ]; then
+    echo "$built exists and is not this copy: the binaries would read it" >&2
+    exit 2
+  fi
 fi
 
 nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv,noheader || true
 # CUDA's libraries as the image's PyTorch wheels hold them (site-packages/nvidia/*/lib).
 py="${PYTHON:-python3}"
-libs="$("$py" -c 'import nvidia; print(" ".join(nvidia.__path__))' | xargs -n1 -I{} find {} -name 'lib*.so*' -printf '%h\n' | sort -u | tr '\n' ':')"
-export LD_LIBRARY_PATH="${CUDA_LIBS:+$CUDA_LIBS:}$libs${LD_LIBRARY_PATH:-}"
+libs="$("$py" -c 'import nvidia; print("\n".join(nvidia.__path__))' | xargs -I{} find {} -name 'lib*.so*' -printf '%h\n' 2>/dev/null | sort -u | paste -sd:)" || true
+[ -n "$libs" ] || echo "warning: no CUDA libraries under $py's nvidia package; relying on the loader's paths" >&2
+export LD_LIBRARY_PATH="$(printf '%s' "${CUDA_LIBS:+$CUDA_LIBS:}$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" | sed 's/^://;s/:$//')"
 "$py" -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'
 
 step() { printf '\n=== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
@@ -58,14 +68,22 @@ if [ "$gpus" -ge 2 ]; then
   # NCCL refuses two ranks on one device: the equivalence needs two GPUs.
   run --workers 2 --output_dir "$out/dp2-a"
   run --workers 2 --output_dir "$out/dp2-b"
-  cmp "$out/dp2-a/adapter_model.safetensors" "$out/dp2-b/adapter_model.safetensors" && echo "2 GPUs: bit-identical"
+  if ! cmp "$out/dp2-a/adapter_model.safetensors" "$out/dp2-b/adapter_model.safetensors"; then
+    echo "2 GPUs: two runs differ" >&2
+    exit 1
+  fi
+  echo "2 GPUs: bit-identical"
 else
   # One GPU: a one-rank NCCL communicator through a real worker process and QUIC.
   run --workers 1 --listen 127.0.0.1:7071 --token gpu-check --tls-dir "$out/tls" --output_dir "$out/dp2-a" &
-  sleep 5
-  "$bin/worker" --join 127.0.0.1:7071 --token gpu-check \
-    --fingerprint "$(sha256sum "$out/tls/cert.der" | cut -d' ' -f1)" --device cuda:0
-  wait
+  coord=$!
+  # The certificate is written when the coordinator starts listening.
+  for _ in $(seq 120); do [ -s "$out/tls/cert.der" ] && break; sleep 1; done
+  [ -s "$out/tls/cert.der" ] || { echo "no $out/tls/cert.der after 120 s" >&2; kill "$coord"; exit 1; }
+  fingerprint="$(sha256sum "$out/tls/cert.der" | cut -d' ' -f1)"
+  "$bin/worker" --join 127.0.0.1:7071 --token gpu-check --fingerprint "$fingerprint" --device cuda:0
+  # `wait` alone would also wait for the tee behind this script's output.
+  wait "$coord"
 fi
 "$py" - "$out" <<'PY'
 import struct, json, sys, math
@@ -75,7 +93,9 @@ def load(p):
             for k, v in h.items() if k != "__metadata__"}
 a, b = load(f"{sys.argv[1]}/dp1/adapter_model.safetensors"), load(f"{sys.argv[1]}/dp2-a/adapter_model.safetensors")
 num = sum((x - y) ** 2 for k in a for x, y in zip(a[k], b[k])); den = sum(x * x for k in a for x in a[k])
-print(f"in-process vs NCCL worker(s): relative difference {math.sqrt(num / den):.3e} (limit 1e-4)")
+rel = math.sqrt(num / den)
+print(f"in-process vs NCCL worker(s): relative difference {rel:.3e} (limit 1e-4)")
+sys.exit(1 if rel > 1e-4 else 0)
 PY
 
 [ "${GPU_CHECK_SKIP_BENCH:-0}" = 1 ] && exit 0

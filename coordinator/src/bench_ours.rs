@@ -218,6 +218,9 @@ fn step(args: &BenchArgs, int8: bool, bf16: bool) -> Result<Value> {
     for step in 1..=(args.warmup + args.steps) {
         let t = Instant::now();
         let (stats, _) = replica.step(std::slice::from_ref(&batch), step as u64, 3e-4, 1.0)?;
+        // A GPU may still be running the optimizer's kernels: they belong to this step (the
+        // PyTorch side synchronizes too).
+        device.synchronize()?;
         if step > args.warmup {
             times.push(t.elapsed().as_secs_f64());
         }

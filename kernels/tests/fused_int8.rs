@@ -179,7 +179,7 @@ fn a_nan_or_an_infinity_makes_its_row_non_finite_as_in_f32() {
     if !kernels_available() {
         return;
     }
-    // Forward: a NaN (an outlier-sized value in f32's eyes) and an infinity in two tokens'
+    // Forward: a NaN (never an outlier: it compares false) and an infinity (an outlier) in two tokens'
     // features; backward: the same in dY, where nothing is an outlier. Only those rows of
     // the result are non-finite, and all of their elements are, as the f32 product's are.
     let (n, out, inp) = (6, 32, 40);

@@ -1,5 +1,5 @@
 //! The ops' loops give the same bits whether they run compiled for the CPU's vector width
-//! (AVX2 + FMA where it has them) or for the baseline instructions (`LORAFLEET_SIMD=baseline`,
+//! (AVX2 + FMA or AVX-512 where it has them) or for the baseline instructions (`LORAFLEET_SIMD=baseline`,
 //! `simd::force_baseline`): the choice made at run time changes speed, never results.
 //!
 //! One test in its own binary, because the choice is process-wide.

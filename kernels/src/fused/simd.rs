@@ -36,8 +36,8 @@ fn arch() -> pulp::Arch {
 }
 
 /// Whether the baseline instructions are forced (`LORAFLEET_SIMD=baseline` or
-/// [`force_baseline`]): hand-written kernels that are not [`vectorized`] closures (the
-/// dropout keystream) take their scalar bodies then too.
+/// [`force_baseline`]): hand-written kernels that are not [`vectorized`] closures follow it
+/// too (the dropout keystream then draws through `rand_chacha`).
 pub(crate) fn baseline_forced() -> bool {
     matches!(arch(), pulp::Arch::Scalar)
 }
