@@ -13,7 +13,7 @@ use rand_chacha::ChaCha8Rng;
 fn main() {
     const WORDS: usize = 1 << 22;
     let mut out = vec![0u32; 256];
-    let ours = || {
+    let mut ours = || {
         let mut stream = Keystream::from_u64(7);
         for _ in 0..WORDS / 256 {
             stream.fill(&mut out);
@@ -21,14 +21,13 @@ fn main() {
         std::hint::black_box(&out);
     };
     let mut out2 = vec![0u32; 256];
-    let theirs = || {
+    let mut theirs = || {
         let mut rng = ChaCha8Rng::seed_from_u64(7);
         for _ in 0..WORDS / 256 {
             rng.fill(&mut out2[..]);
         }
         std::hint::black_box(&out2);
     };
-    let (mut ours, mut theirs) = (ours, theirs);
     let (mut a, mut b) = (Vec::new(), Vec::new());
     for _ in 0..3 {
         a.push(median_seconds(&mut ours, 3));

@@ -402,8 +402,10 @@ mod kernel {
         let inf = _mm512_set1_ps(f32::INFINITY);
         for c in (0..k).step_by(PANEL) {
             let mask = lanes(k - c);
-            max = _mm512_max_ps(max, _mm512_abs_ps(inliers(c, mask)));
-            non_finite |= _mm512_mask_cmp_ps_mask::<_CMP_NLT_UQ>(mask, _mm512_abs_ps(load(c, mask)), inf);
+            // One load for both: |inliers| is |v| where |v| ≤ limit, else 0.
+            let a = _mm512_abs_ps(load(c, mask));
+            max = _mm512_max_ps(max, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_LE_OQ>(a, limit), a));
+            non_finite |= _mm512_mask_cmp_ps_mask::<_CMP_NLT_UQ>(mask, a, inf);
         }
         if non_finite != 0 {
             // A NaN or an infinity makes every product of the row non-finite in f32; a NaN
