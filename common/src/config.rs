@@ -388,6 +388,24 @@ impl TrainConfig {
     pub fn bf16(&self) -> bool {
         narrow_bf16(&self.torch_dtype) == Some(true)
     }
+
+    /// How the frozen base is stored and multiplied.
+    pub fn base_precision(&self) -> BasePrecision {
+        BasePrecision { load_in_8bit: self.load_in_8bit, int8_group_size: self.int8_group_size, bf16: self.bf16() }
+    }
+}
+
+/// How the frozen base is stored and multiplied: the three settings that every command loading
+/// a model takes (`load_in_8bit`, `int8_group_size`, `torch_dtype`), kept together so that train,
+/// eval, generate and the workers cannot load the same folder two different ways.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BasePrecision {
+    /// int8 block linears, absmax per output row (or per `int8_group_size` input features).
+    pub load_in_8bit: bool,
+    /// Input features per int8 scale; `None`: one scale per row.
+    pub int8_group_size: Option<usize>,
+    /// bf16 products for the frozen base (and the head).
+    pub bf16: bool,
 }
 
 /// Whether a `torch_dtype` asks for bf16 products (`Some(true)`), f32 (`Some(false)`), or is

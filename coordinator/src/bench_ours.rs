@@ -6,6 +6,7 @@
 use crate::cli::{BenchArgs, BenchBatches, BenchWorkload, OffOnBoth};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
+use lorafleet_common::config::BasePrecision;
 use lorafleet_common::{Batch, LoraConfig, IGNORE_INDEX};
 use lorafleet_worker::adamw::AdamWConfig;
 use lorafleet_worker::collective::SingleRank;
@@ -205,7 +206,8 @@ fn step(args: &BenchArgs, int8: bool, bf16: bool) -> Result<Value> {
     anyhow::ensure!(args.batches != BenchBatches::Both, "--only needs --batches random or instruction");
     anyhow::ensure!(args.steps > 0, "--steps must be at least 1");
     let device = lorafleet_worker::device::parse(&args.device)?;
-    let model = Arc::new(lorafleet_worker::device::load_model(dir, &device, int8, None, bf16)?);
+    let precision = BasePrecision { load_in_8bit: int8, int8_group_size: None, bf16 };
+    let model = Arc::new(lorafleet_worker::device::load_model(dir, &device, precision)?);
     let (r, alpha, dropout) = shape.lora;
     let lora = LoraConfig { r, lora_alpha: alpha, lora_dropout: dropout, ..LoraConfig::default() };
     let adapter = LoraAdapter::init(lora, model.config(), 0, &device)?;

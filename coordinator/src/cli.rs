@@ -181,6 +181,15 @@ impl DeviceArgs {
     pub fn bf16(&self) -> bool {
         lorafleet_common::config::narrow_bf16(&self.torch_dtype) == Some(true)
     }
+
+    /// How the frozen base is stored and multiplied.
+    pub fn base_precision(&self) -> lorafleet_common::config::BasePrecision {
+        lorafleet_common::config::BasePrecision {
+            load_in_8bit: self.load_in_8bit,
+            int8_group_size: self.int8_group_size,
+            bf16: self.bf16(),
+        }
+    }
 }
 
 /// `coordinator eval`.

@@ -12,13 +12,7 @@ use serde_json::json;
 pub fn run(args: EvalArgs) -> Result<()> {
     let device = device::parse(&args.device.device)?;
     let template = Template::resolve(&args.template, &args.base)?;
-    let model = device::load_model(
-        &args.base,
-        &device,
-        args.device.load_in_8bit,
-        args.device.int8_group_size,
-        args.device.bf16(),
-    )?;
+    let model = device::load_model(&args.base, &device, args.device.base_precision())?;
     let tokenizer = Tokenizer::from_dir(&args.base, model.config())?;
     let adapter = args.adapter.as_deref().map(|dir| load_adapter(dir, model.config(), &device)).transpose()?;
     let records = read_records(&args.data)?;

@@ -14,13 +14,7 @@ use std::path::PathBuf;
 
 pub fn run(args: GenerateArgs) -> Result<()> {
     let device = device::parse(&args.device.device)?;
-    let model = device::load_model(
-        &args.base,
-        &device,
-        args.device.load_in_8bit,
-        args.device.int8_group_size,
-        args.device.bf16(),
-    )?;
+    let model = device::load_model(&args.base, &device, args.device.base_precision())?;
     let tokenizer = Tokenizer::from_dir(&args.base, model.config())?;
     let adapters = load_adapters(&args.adapters, model.config(), &device)?;
     let active = select(&adapters, args.use_adapter.as_deref())?;

@@ -4,6 +4,7 @@
 use crate::error::{Error, Result};
 use crate::model::{Llama, Quantization};
 use candle_core::{DType, Device};
+use lorafleet_common::config::BasePrecision;
 use std::path::Path;
 
 /// `cpu`, `cuda` or `cuda:N`.
@@ -37,11 +38,12 @@ pub fn compute_dtype(device: &Device) -> DType {
 }
 
 /// Loads a base model on `device` in its compute dtype, int8 when asked, else with bf16
-/// block linears when `bf16`; `bf16` also puts the output head's products in bf16, beside
-/// int8 block linears too. On a GPU the base computes in bf16 whatever `bf16` says
+/// block linears when `precision.bf16`; `bf16` also puts the output head's products in bf16,
+/// beside int8 block linears too. On a GPU the base computes in bf16 whatever `bf16` says
 /// ([`compute_dtype`]; int8 there dequantizes to bf16 for cuBLAS), so `torch_dtype = bf16`
 /// asks for nothing more, as in transformers.
-pub fn load_model(dir: &Path, device: &Device, load_in_8bit: bool, group: Option<usize>, bf16: bool) -> Result<Llama> {
+pub fn load_model(dir: &Path, device: &Device, precision: BasePrecision) -> Result<Llama> {
+    let BasePrecision { load_in_8bit, int8_group_size: group, bf16 } = precision;
     let bf16 = bf16 && device.is_cpu();
     let quantization = match (load_in_8bit, bf16) {
         (true, _) => Quantization::Int8 { group },

@@ -17,13 +17,7 @@ use std::time::Instant;
 /// Trains with one in-process replica.
 pub fn run(config: &TrainConfig, mut schedule: Schedule, wire: &Wire, sink: &mut Sink<'_>) -> Result<()> {
     let device = device::parse(&config.device)?;
-    let model = Arc::new(device::load_model(
-        &config.base_model,
-        &device,
-        config.load_in_8bit,
-        config.int8_group_size,
-        config.bf16(),
-    )?);
+    let model = Arc::new(device::load_model(&config.base_model, &device, config.base_precision())?);
     let tokenizer = Tokenizer::from_dir(&config.base_model, model.config())?;
     let mut executor = Executor::new(config, model, tokenizer, Box::new(SingleRank))?;
     schedule.handle(Event::Joined { id: 0, name: "in-process".into() }, Instant::now());

@@ -57,13 +57,7 @@ fn serve_inner(
 ) -> Result<()> {
     let config = job.config.clone();
     let device = device::parse(&config.device)?;
-    let model = Arc::new(device::load_model(
-        &config.base_model,
-        &device,
-        config.load_in_8bit,
-        config.int8_group_size,
-        config.bf16(),
-    )?);
+    let model = Arc::new(device::load_model(&config.base_model, &device, config.base_precision())?);
     let tokenizer = Tokenizer::from_dir(&config.base_model, model.config())?;
     let digests = (model_digest(&config.base_model)?, tokenizer_digest(&config.base_model)?);
     let Some(formed) = form_group(&device, &job, digests, commands, out)? else { return Ok(()) };
