@@ -20,12 +20,21 @@ Settings, all read from demo/demo.toml (as `coordinator --demo` reads them):
   lorafleet shuffles with its own generator, so the two runs see different batches; per
   batch they are padded the same way.
 
+--load-in-8bit loads the base as transformers + bitsandbytes do for alpaca-lora's `load_8bit`
+(BitsAndBytesConfig(load_in_8bit=True), every Linear but lm_head int8 with absmax per output row,
+LLM.int8 threshold 6.0; on a CPU bitsandbytes trains through dequantized weights and evaluates
+through its int8 matmul). --seed N replaces demo.toml's seed (model init, dropout, example order).
+--eval scores the trained adapter on demo.toml's eval_data_path after training, as the demo
+README's protocol says: greedy decoding of at most eval_max_new_tokens tokens, stopping at </s>,
+exact match after strip, and the pooled eval loss over output tokens + </s>.
+
 --max-steps N trains the first N steps (the schedule then spans N steps, as lorafleet's
 --max_steps). Tokenization and batching happen before the loop; the timed loop is the steps
 only (zero_grad, forward, backward, clipping, AdamW, scheduler). tokens/s counts non-padding
 tokens of the steps after --warmup over their time. Peak RSS = ru_maxrss at the end.
 
 Usage: python tools/peft_demo_train.py --threads 2 --max-steps 60 --json
+       python tools/peft_demo_train.py --load-in-8bit --seed 43 --eval --json   (needs bitsandbytes)
 """
 
 import argparse
@@ -55,6 +64,11 @@ def parse():
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (also OMP/MKL env)")
     ap.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa", help="attention implementation")
     ap.add_argument("--pad-multiple", type=int, default=8, help="pad each batch to a multiple of this")
+    ap.add_argument("--load-in-8bit", action="store_true", help="an int8 base through bitsandbytes")
+    ap.add_argument("--seed", type=int, help="replace demo.toml's seed")
+    ap.add_argument("--eval", action="store_true", help="exact match and eval loss on the eval set after training")
+    ap.add_argument("--save-adapter", metavar="DIR", help="write the trained adapter here (save_pretrained)")
+    ap.add_argument("--adapter", metavar="DIR", help="no training: load this adapter and evaluate it (with --eval)")
     ap.add_argument("--json", action="store_true", help="also print one JSON line with the results (last line)")
     return ap.parse_args()
 
@@ -77,6 +91,8 @@ def main():
         c = tomllib.load(f)
     assert c.get("lr_scheduler", "linear") == "linear", "only the linear schedule is implemented here"
     assert c.get("prompt_template_name", "alpaca") == "alpaca", "only the alpaca template is implemented here"
+    if args.seed is not None:
+        c["seed"] = args.seed
 
     import warnings
 
@@ -93,16 +109,23 @@ def main():
     eos, pad = tok.convert_tokens_to_ids("</s>"), tok.convert_tokens_to_ids("<pad>")
     cutoff, train_on_inputs = c["cutoff_len"], c.get("train_on_inputs", False)
 
-    examples = []
-    with open(os.path.join(root, c["data_path"])) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    for r in records:
+    def encode(r):
+        """(prompt ids, ids, labels) of one record."""
         template = PROMPT_INPUT if r.get("input") else PROMPT_NO_INPUT
         prompt = template.format(instruction=r["instruction"], input=r.get("input", ""))
         p_ids = tok(prompt)["input_ids"]
         a_ids = tok(r["output"], add_special_tokens=False)["input_ids"] + [eos]
         ids = (p_ids + a_ids)[:cutoff]
         labels = ([l if train_on_inputs else -100 for l in p_ids] + a_ids)[:cutoff]
+        return p_ids, ids, labels
+
+    def read(path):
+        with open(os.path.join(root, path)) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    examples = []
+    for r in read(c["data_path"]):
+        _, ids, labels = encode(r)
         if any(l != -100 for l in labels[1:]):
             examples.append((ids, labels))
     assert tok(PROMPT_NO_INPUT)["input_ids"][0] == tok.convert_tokens_to_ids("<s>"), "the tokenizer adds no <s>"
@@ -136,11 +159,24 @@ def main():
             steps.append(micros)
 
     torch.manual_seed(c["seed"])
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation=args.attn)
+    quant = {}
+    if args.load_in_8bit:
+        from transformers import BitsAndBytesConfig
+
+        quant = dict(quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="cpu")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation=args.attn, **quant)
     if c.get("gradient_checkpointing", False):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lcfg = LoraConfig(r=c["lora_r"], lora_alpha=c["lora_alpha"], lora_dropout=c["lora_dropout"],
                       target_modules=list(c["lora_target_modules"]), bias="none", task_type="CAUSAL_LM")
+    if args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter)
+        scores = evaluate(model, tok, [encode(r) + (r["output"],) for r in read(c["eval_data_path"])],
+                          c.get("eval_max_new_tokens", 16), eos)
+        print(json.dumps(dict(adapter=args.adapter, load_in_8bit=args.load_in_8bit, **scores)), flush=True)
+        return
     model = get_peft_model(model, lcfg)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -172,6 +208,14 @@ def main():
         if (i + 1) % 10 == 0 or i + 1 == total:
             print(f"step {i + 1} loss {loss_sum:.4f} {tokens[-1] / times[-1]:.0f} tok/s", flush=True)
 
+    if args.save_adapter:
+        model.save_pretrained(args.save_adapter)
+    scores = evaluate(model, tok, [encode(r) + (r["output"],) for r in read(c["eval_data_path"])],
+                      c.get("eval_max_new_tokens", 16), eos) if args.eval else {}
+    if scores:
+        print(f"EVAL exact match {scores['exact_match']:.1%} ({scores['correct']} of {scores['examples']}), "
+              f"eval loss {scores['eval_loss']:.4f}", flush=True)
+
     w = min(args.warmup, len(times) - 1)
     tps = sum(tokens[w:]) / sum(times[w:])
     peak = rss_peak_mib()
@@ -180,9 +224,36 @@ def main():
     if args.json:
         print(json.dumps(dict(steps=total, timed_steps=total - w, tokens=sum(tokens[w:]), seconds=sum(times[w:]),
                               tokens_per_second=tps, all_steps_tokens_per_second=sum(tokens) / sum(times),
-                              final_loss=losses[-1], peak_rss_mib=peak, threads=args.threads, attn=args.attn,
+                              final_loss=losses[-1], peak_rss_mib=peak, seed=c["seed"],
+                              load_in_8bit=args.load_in_8bit, **scores, threads=args.threads, attn=args.attn,
                               torch=torch.__version__, transformers=transformers.__version__,
                               peft=peft.__version__)), flush=True)
+
+
+def evaluate(model, tok, records, max_new, eos):
+    """The demo README's protocol: exact match of greedy answers, and the eval loss pooled over
+    every output token + </s> (adapter in eval mode, so no dropout)."""
+    import torch
+
+    model.eval()
+    correct, loss_sum, loss_n = 0, 0.0, 0
+    with torch.no_grad():
+        for p_ids, ids, labels, want in records:
+            logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, :-1]
+            lab = torch.tensor(labels[1:])
+            keep = lab != -100
+            loss_sum += float(torch.nn.functional.cross_entropy(logits[keep], lab[keep], reduction="sum"))
+            loss_n += int(keep.sum())
+            seq = list(p_ids)
+            for _ in range(max_new):
+                nxt = int(model(input_ids=torch.tensor([seq]), use_cache=False).logits[0, -1].argmax())
+                if nxt == eos:
+                    break
+                seq.append(nxt)
+            got = tok.decode(seq[len(p_ids):], skip_special_tokens=True).strip()
+            correct += got == want
+    return dict(exact_match=correct / len(records), correct=correct, examples=len(records),
+                eval_loss=loss_sum / loss_n)
 
 
 if __name__ == "__main__":
