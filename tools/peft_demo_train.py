@@ -68,7 +68,7 @@ def parse():
     ap.add_argument("--seed", type=int, help="replace demo.toml's seed")
     ap.add_argument("--eval", action="store_true", help="exact match and eval loss on the eval set after training")
     ap.add_argument("--save-adapter", metavar="DIR", help="write the trained adapter here (save_pretrained)")
-    ap.add_argument("--adapter", metavar="DIR", help="no training: load this adapter and evaluate it (with --eval)")
+    ap.add_argument("--adapter", metavar="DIR", help="no training: load this adapter and evaluate it")
     ap.add_argument("--json", action="store_true", help="also print one JSON line with the results (last line)")
     return ap.parse_args()
 
