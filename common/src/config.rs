@@ -384,14 +384,9 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 }
 
 impl TrainConfig {
-    /// Whether the frozen base's products run in bf16 (`torch_dtype`).
-    pub fn bf16(&self) -> bool {
-        narrow_bf16(&self.torch_dtype) == Some(true)
-    }
-
     /// How the frozen base is stored and multiplied.
     pub fn base_precision(&self) -> BasePrecision {
-        BasePrecision { load_in_8bit: self.load_in_8bit, int8_group_size: self.int8_group_size, bf16: self.bf16() }
+        BasePrecision::new(self.load_in_8bit, self.int8_group_size, &self.torch_dtype)
     }
 }
 
@@ -406,6 +401,14 @@ pub struct BasePrecision {
     pub int8_group_size: Option<usize>,
     /// bf16 products for the frozen base (and the head).
     pub bf16: bool,
+}
+
+impl BasePrecision {
+    /// From the settings as a user writes them; a `torch_dtype` other than bf16 means f32
+    /// (the config's validation names an unknown one).
+    pub fn new(load_in_8bit: bool, int8_group_size: Option<usize>, torch_dtype: &str) -> Self {
+        Self { load_in_8bit, int8_group_size, bf16: narrow_bf16(torch_dtype) == Some(true) }
+    }
 }
 
 /// Whether a `torch_dtype` asks for bf16 products (`Some(true)`), f32 (`Some(false)`), or is

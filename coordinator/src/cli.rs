@@ -177,18 +177,9 @@ fn parse_torch_dtype(v: &str) -> Result<String, String> {
 }
 
 impl DeviceArgs {
-    /// Whether the base's products run in bf16.
-    pub fn bf16(&self) -> bool {
-        lorafleet_common::config::narrow_bf16(&self.torch_dtype) == Some(true)
-    }
-
     /// How the frozen base is stored and multiplied.
     pub fn base_precision(&self) -> lorafleet_common::config::BasePrecision {
-        lorafleet_common::config::BasePrecision {
-            load_in_8bit: self.load_in_8bit,
-            int8_group_size: self.int8_group_size,
-            bf16: self.bf16(),
-        }
+        lorafleet_common::config::BasePrecision::new(self.load_in_8bit, self.int8_group_size, &self.torch_dtype)
     }
 }
 
