@@ -28,6 +28,11 @@ through its int8 matmul). --seed N replaces demo.toml's seed (model init, dropou
 README's protocol says: greedy decoding of at most eval_max_new_tokens tokens, stopping at </s>,
 exact match after strip, and the pooled eval loss over output tokens + </s>.
 
+--replay DIR trains on lorafleet's random streams instead of torch's and random.Random's: the
+folder `cargo run --release -p lorafleet-tests --example paired_streams -- DIR --seed N` writes
+(its initial adapter, its batches row for row, its dropout masks bit for bit), so the two runs
+differ only in arithmetic and their per-step losses (in the JSON line) compare pairwise.
+
 --max-steps N trains the first N steps (the schedule then spans N steps, as lorafleet's
 --max_steps). Tokenization and batching happen before the loop; the timed loop is the steps
 only (zero_grad, forward, backward, clipping, AdamW, scheduler). tokens/s counts non-padding
@@ -35,6 +40,7 @@ tokens of the steps after --warmup over their time. Peak RSS = ru_maxrss at the 
 
 Usage: python tools/peft_demo_train.py --threads 2 --max-steps 60 --json
        python tools/peft_demo_train.py --load-in-8bit --seed 43 --eval --json   (needs bitsandbytes)
+       python tools/peft_demo_train.py --replay /tmp/streams42 --eval --json
 """
 
 import argparse
@@ -69,6 +75,8 @@ def parse():
     ap.add_argument("--eval", action="store_true", help="exact match and eval loss on the eval set after training")
     ap.add_argument("--save-adapter", metavar="DIR", help="write the trained adapter here (save_pretrained)")
     ap.add_argument("--adapter", metavar="DIR", help="no training: load this adapter and evaluate it")
+    ap.add_argument("--replay", metavar="DIR", help="lorafleet's streams (tests/examples/paired_streams.rs): "
+                    "its lora_A init, batches and dropout masks instead of torch's and random.Random's")
     ap.add_argument("--json", action="store_true", help="also print one JSON line with the results (last line)")
     return ap.parse_args()
 
@@ -123,11 +131,12 @@ def main():
         with open(os.path.join(root, path)) as f:
             return [json.loads(line) for line in f if line.strip()]
 
-    examples = []
-    for r in read(c["data_path"]):
+    examples, by_record = [], {}
+    for k, r in enumerate(read(c["data_path"])):
         _, ids, labels = encode(r)
         if any(l != -100 for l in labels[1:]):
             examples.append((ids, labels))
+            by_record[k] = (ids, labels)
     assert tok(PROMPT_NO_INPUT)["input_ids"][0] == tok.convert_tokens_to_ids("<s>"), "the tokenizer adds no <s>"
 
     batch, micro = c["batch_size"], c["micro_batch_size"]
@@ -136,6 +145,9 @@ def main():
     total = args.max_steps or per_epoch * c["num_epochs"]
     rng = random.Random(c["seed"])
     steps = []  # each: a list of micro-batches (input_ids, attention_mask, labels) tensors
+    replay = read_replay(args.replay, by_record, total, pad) if args.replay else None
+    if replay:
+        steps = replay["steps"][:total]
     while len(steps) < total:
         order = list(range(len(examples)))
         rng.shuffle(order)
@@ -178,6 +190,8 @@ def main():
         print(json.dumps(dict(adapter=args.adapter, load_in_8bit=args.load_in_8bit, **scores)), flush=True)
         return
     model = get_peft_model(model, lcfg)
+    if replay:
+        replay_init(model, args.replay, c, replay)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=c["learning_rate"], betas=(0.9, 0.999), eps=1e-8,
@@ -194,7 +208,9 @@ def main():
         t = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss_sum = 0.0
-        for ids, mask, lab in micros:
+        for k, (ids, mask, lab) in enumerate(micros):
+            if replay:
+                replay["set_masks"](i, k)
             out = model(input_ids=ids, attention_mask=mask, labels=lab, use_cache=False)
             (out.loss / len(micros)).backward()
             loss_sum += out.loss.item() / len(micros)
@@ -224,10 +240,108 @@ def main():
     if args.json:
         print(json.dumps(dict(steps=total, timed_steps=total - w, tokens=sum(tokens[w:]), seconds=sum(times[w:]),
                               tokens_per_second=tps, all_steps_tokens_per_second=sum(tokens) / sum(times),
-                              final_loss=losses[-1], peak_rss_mib=peak, seed=c["seed"],
+                              final_loss=losses[-1], **(dict(losses=losses) if args.replay else {}), peak_rss_mib=peak, seed=c["seed"],
                               load_in_8bit=args.load_in_8bit, **scores, threads=args.threads, attn=args.attn,
                               torch=torch.__version__, transformers=transformers.__version__,
                               peft=peft.__version__)), flush=True)
+
+
+def read_replay(folder, by_record, total, pad):
+    """The batches of lorafleet's run as steps.jsonl lists them (rows in its order, padded to its
+    seq_len), and a function that hands each LoRA dropout module its mask from masks.bin."""
+    import numpy as np
+    import torch
+
+    lines = [json.loads(l) for l in open(os.path.join(folder, "steps.jsonl"))]
+    bits = np.fromfile(os.path.join(folder, "masks.bin"), dtype=np.uint8)
+    steps = []
+    for line in lines:
+        n = line["step"]
+        assert n == len(steps) or n == len(steps) + 1, f"steps.jsonl: step {n} out of order"
+        if n == len(steps) + 1:
+            steps.append([])
+        rows = [by_record[r] for r in line["records"]]
+        assert [len(x) for x, _ in rows] == line["lengths"], f"step {n}: our token counts differ from lorafleet's"
+        seq = line["seq_len"]
+        ids = torch.full((len(rows), seq), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), seq), dtype=torch.long)
+        lab = torch.full((len(rows), seq), -100, dtype=torch.long)
+        for k, (x, y) in enumerate(rows):
+            ids[k, :len(x)] = torch.tensor(x)
+            mask[k, :len(x)] = 1
+            lab[k, :len(y)] = torch.tensor(y)
+        steps[-1].append((ids, mask, lab))
+    assert len(steps) >= total, f"steps.jsonl has {len(steps)} steps, the run {total}"
+    state = dict(steps=steps, bits=bits, modules=[], starts=None)  # the last two: replay_init
+
+    def set_masks(step, micro):
+        """Point every replaying dropout module at its [rows, seq, in] block of masks.bin."""
+        ids = steps[step][micro][0]
+        rows, seq = ids.shape
+        at = state["starts"][step][micro]
+        for module in state["modules"]:
+            n = rows * seq * module.features
+            block = np.unpackbits(bits[at:at + (n + 7) // 8], count=n).astype(np.float32)
+            module.mask = torch.from_numpy(block.reshape(rows, seq, module.features) * module.keep)
+            at += (n + 7) // 8
+
+    state["set_masks"] = set_masks
+    return state
+
+
+LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def replay_init(model, folder, c, state):
+    """lorafleet's initial adapter into the PEFT model, and its dropout: each LoRA module's
+    nn.Dropout replaced by one that multiplies by the replayed mask (0 or 1/(1-p), in float32
+    as lorafleet computes it), in masks.bin's order (layer, then LINEAR_MODULES)."""
+    import numpy as np
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    init = load_file(os.path.join(folder, "initial", "adapter_model.safetensors"))
+    set_peft_model_state_dict(model, init)
+    loaded = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    assert len(loaded) == len(init), f"{len(init)} tensors in the initial adapter, {len(loaded)} in the model"
+    for k, v in init.items():
+        got = loaded[k.replace(".weight", ".default.weight")]
+        assert torch.equal(got, v), f"{k} was not loaded"
+
+    class Replayed(torch.nn.Module):
+        def __init__(self, features, keep):
+            super().__init__()
+            self.features, self.keep, self.mask = features, keep, None
+
+        def forward(self, x):
+            if not self.training:
+                return x
+            assert self.mask is not None and self.mask.shape == x.shape, "replayed mask shape"
+            out, self.mask = x * self.mask, None
+            return out
+
+    keep = np.float32(1.0 / (1.0 - c["lora_dropout"]))
+    found = []
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_dropout") and "default" in module.lora_dropout:
+            parts = name.split(".")
+            layer = int(parts[parts.index("layers") + 1])
+            replayed = Replayed(module.in_features, keep)
+            module.lora_dropout["default"] = replayed
+            found.append(((layer, LINEAR_MODULES.index(parts[-1])), replayed))
+    found.sort(key=lambda f: f[0])
+    state["modules"] = [m for _, m in found]
+    # The byte offset of each micro-batch's masks: its blocks follow each other in file order.
+    at, starts = 0, []
+    for micros in state["steps"]:
+        starts.append([])
+        for ids, _, _ in micros:
+            starts[-1].append(at)
+            rows, seq = ids.shape
+            at += sum((rows * seq * m.features + 7) // 8 for m in state["modules"])
+    assert at == len(state["bits"]), f"masks.bin holds {len(state['bits'])} bytes, the batches need {at}"
+    state["starts"] = starts
 
 
 def evaluate(model, tok, records, max_new, eos):
