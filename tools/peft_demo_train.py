@@ -145,9 +145,10 @@ def main():
     total = args.max_steps or per_epoch * c["num_epochs"]
     rng = random.Random(c["seed"])
     steps = []  # each: a list of micro-batches (input_ids, attention_mask, labels) tensors
-    replay = read_replay(args.replay, by_record, total, pad) if args.replay else None
-    if replay:
-        steps = replay["steps"][:total]
+    if args.replay:
+        replayed = read_replay(args.replay, by_record, pad)
+        assert len(replayed) >= total, f"steps.jsonl has {len(replayed)} steps, the run {total}"
+        steps = replayed[:total]
     while len(steps) < total:
         order = list(range(len(examples)))
         rng.shuffle(order)
@@ -159,15 +160,7 @@ def main():
             for m in range(0, len(chosen), micro):
                 rows = [examples[i] for i in chosen[m:m + micro]]
                 longest = max(len(ids) for ids, _ in rows)
-                seq = -(-longest // args.pad_multiple) * args.pad_multiple
-                ids = torch.full((len(rows), seq), pad, dtype=torch.long)
-                mask = torch.zeros((len(rows), seq), dtype=torch.long)
-                lab = torch.full((len(rows), seq), -100, dtype=torch.long)
-                for k, (x, y) in enumerate(rows):
-                    ids[k, :len(x)] = torch.tensor(x)
-                    mask[k, :len(x)] = 1
-                    lab[k, :len(y)] = torch.tensor(y)
-                micros.append((ids, mask, lab))
+                micros.append(padded(rows, -(-longest // args.pad_multiple) * args.pad_multiple, pad))
             steps.append(micros)
 
     torch.manual_seed(c["seed"])
@@ -190,8 +183,7 @@ def main():
         print(json.dumps(dict(adapter=args.adapter, load_in_8bit=args.load_in_8bit, **scores)), flush=True)
         return
     model = get_peft_model(model, lcfg)
-    if replay:
-        replay_init(model, args.replay, c, replay)
+    set_masks = replay_init(model, args.replay, c, replayed) if args.replay else None
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=c["learning_rate"], betas=(0.9, 0.999), eps=1e-8,
@@ -209,8 +201,8 @@ def main():
         opt.zero_grad(set_to_none=True)
         loss_sum = 0.0
         for k, (ids, mask, lab) in enumerate(micros):
-            if replay:
-                replay["set_masks"](i, k)
+            if set_masks:
+                set_masks(i, k)
             out = model(input_ids=ids, attention_mask=mask, labels=lab, use_cache=False)
             (out.loss / len(micros)).backward()
             loss_sum += out.loss.item() / len(micros)
@@ -246,56 +238,44 @@ def main():
                               peft=peft.__version__)), flush=True)
 
 
-def read_replay(folder, by_record, total, pad):
-    """The batches of lorafleet's run as steps.jsonl lists them (rows in its order, padded to its
-    seq_len), and a function that hands each LoRA dropout module its mask from masks.bin."""
-    import numpy as np
+def padded(rows, seq, pad):
+    """(input_ids, attention_mask, labels) of `rows` right-padded to `seq`: <pad>, mask 0 and
+    label -100 on padding."""
     import torch
 
-    lines = [json.loads(l) for l in open(os.path.join(folder, "steps.jsonl"))]
-    bits = np.fromfile(os.path.join(folder, "masks.bin"), dtype=np.uint8)
+    ids = torch.full((len(rows), seq), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), seq), dtype=torch.long)
+    lab = torch.full((len(rows), seq), -100, dtype=torch.long)
+    for k, (x, y) in enumerate(rows):
+        ids[k, :len(x)] = torch.tensor(x)
+        mask[k, :len(x)] = 1
+        lab[k, :len(y)] = torch.tensor(y)
+    return ids, mask, lab
+
+
+def read_replay(folder, by_record, pad):
+    """The batches of lorafleet's run as steps.jsonl lists them: rows in its order, padded to
+    its seq_len."""
     steps = []
-    for line in lines:
+    for line in map(json.loads, open(os.path.join(folder, "steps.jsonl"))):
         n = line["step"]
         assert n == len(steps) or n == len(steps) + 1, f"steps.jsonl: step {n} out of order"
         if n == len(steps) + 1:
             steps.append([])
         rows = [by_record[r] for r in line["records"]]
         assert [len(x) for x, _ in rows] == line["lengths"], f"step {n}: our token counts differ from lorafleet's"
-        seq = line["seq_len"]
-        ids = torch.full((len(rows), seq), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), seq), dtype=torch.long)
-        lab = torch.full((len(rows), seq), -100, dtype=torch.long)
-        for k, (x, y) in enumerate(rows):
-            ids[k, :len(x)] = torch.tensor(x)
-            mask[k, :len(x)] = 1
-            lab[k, :len(y)] = torch.tensor(y)
-        steps[-1].append((ids, mask, lab))
-    assert len(steps) >= total, f"steps.jsonl has {len(steps)} steps, the run {total}"
-    state = dict(steps=steps, bits=bits, modules=[], starts=None)  # the last two: replay_init
-
-    def set_masks(step, micro):
-        """Point every replaying dropout module at its [rows, seq, in] block of masks.bin."""
-        ids = steps[step][micro][0]
-        rows, seq = ids.shape
-        at = state["starts"][step][micro]
-        for module in state["modules"]:
-            n = rows * seq * module.features
-            block = np.unpackbits(bits[at:at + (n + 7) // 8], count=n).astype(np.float32)
-            module.mask = torch.from_numpy(block.reshape(rows, seq, module.features) * module.keep)
-            at += (n + 7) // 8
-
-    state["set_masks"] = set_masks
-    return state
+        steps[-1].append(padded(rows, line["seq_len"], pad))
+    return steps
 
 
 LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def replay_init(model, folder, c, state):
+def replay_init(model, folder, c, steps):
     """lorafleet's initial adapter into the PEFT model, and its dropout: each LoRA module's
     nn.Dropout replaced by one that multiplies by the replayed mask (0 or 1/(1-p), in float32
-    as lorafleet computes it), in masks.bin's order (layer, then LINEAR_MODULES)."""
+    as lorafleet computes it), in masks.bin's order (layer, then LINEAR_MODULES). Returns
+    set_masks(step, micro), which hands every replaying module its block of masks.bin."""
     import numpy as np
     import torch
     from peft import set_peft_model_state_dict
@@ -330,18 +310,28 @@ def replay_init(model, folder, c, state):
             replayed = Replayed(module.in_features, keep)
             module.lora_dropout["default"] = replayed
             found.append(((layer, LINEAR_MODULES.index(parts[-1])), replayed))
-    found.sort(key=lambda f: f[0])
-    state["modules"] = [m for _, m in found]
-    # The byte offset of each micro-batch's masks: its blocks follow each other in file order.
-    at, starts = 0, []
-    for micros in state["steps"]:
-        starts.append([])
+    modules = [m for _, m in sorted(found, key=lambda f: f[0])]
+    bits = np.fromfile(os.path.join(folder, "masks.bin"), dtype=np.uint8)
+    # Each micro-batch's blocks, one per module, follow each other in file order.
+    at, blocks = 0, []
+    for micros in steps:
+        blocks.append([])
         for ids, _, _ in micros:
-            starts[-1].append(at)
             rows, seq = ids.shape
-            at += sum((rows * seq * m.features + 7) // 8 for m in state["modules"])
-    assert at == len(state["bits"]), f"masks.bin holds {len(state['bits'])} bytes, the batches need {at}"
-    state["starts"] = starts
+            blocks[-1].append([])
+            for m in modules:
+                n = rows * seq * m.features
+                blocks[-1][-1].append((at, n))
+                at += (n + 7) // 8
+    assert at == len(bits), f"masks.bin holds {len(bits)} bytes, the batches need {at}"
+
+    def set_masks(step, micro):
+        rows, seq = steps[step][micro][0].shape
+        for m, (start, n) in zip(modules, blocks[step][micro]):
+            block = np.unpackbits(bits[start:start + (n + 7) // 8], count=n).astype(np.float32)
+            m.mask = torch.from_numpy(block.reshape(rows, seq, m.features) * m.keep)
+
+    return set_masks
 
 
 def evaluate(model, tok, records, max_new, eos):
