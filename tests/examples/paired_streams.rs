@@ -6,7 +6,7 @@
 //!
 //! It reads the run's settings from a TOML file (`demo/demo.toml` by default, paths relative to
 //! the current folder) and computes the streams with the functions training itself calls:
-//! `LoraAdapter::init`, `epoch_order` and `spread` (one worker), `Dropout::mask`.
+//! `LoraAdapter::init`, `GlobalBatches` and `spread` (one worker), `Dropout::mask`.
 //!
 //! Usage: `cargo run --release -p lorafleet-tests --example paired_streams -- [CONFIG] OUT [--seed N]`
 //!
@@ -20,7 +20,7 @@
 
 use candle_core::Device;
 use lorafleet_common::config::TrainConfig;
-use lorafleet_common::data::schedule::{epoch_order, spread, steps_per_epoch};
+use lorafleet_common::data::schedule::{spread, steps_per_epoch, EpochSteps, GlobalBatches};
 use lorafleet_common::data::{read_records, tokenize_records, Template, TokenizeOptions};
 use lorafleet_common::peft::LINEAR_MODULES;
 use lorafleet_common::ModelConfig;
@@ -72,19 +72,14 @@ fn main() -> Result<(), Box<dyn Error>> {
     let adapter = LoraAdapter::init(lora.clone(), &model, config.seed, &Device::Cpu)?;
     save_adapter(&adapter, &model, &out.join("initial"))?;
 
-    let per_epoch = steps_per_epoch(examples.len(), config.batch_size);
-    let total = config.max_steps.unwrap_or(per_epoch * config.num_epochs);
-    let all: Vec<usize> = (0..examples.len()).collect();
+    let epochs = EpochSteps::Uniform(steps_per_epoch(examples.len(), config.batch_size) as u64);
+    let total = config.max_steps.map_or(epochs.total(config.num_epochs as u64), |m| m as u64);
+    let mut batches = GlobalBatches::new(lengths.clone(), config.seed, config.group_by_length, config.batch_size);
     let mut steps = std::io::BufWriter::new(std::fs::File::create(out.join("steps.jsonl"))?);
     let mut masks = std::io::BufWriter::new(std::fs::File::create(out.join("masks.bin"))?);
-    let mut order = (usize::MAX, Vec::new());
     for step in 1..=total {
-        let (epoch, index) = ((step - 1) / per_epoch, (step - 1) % per_epoch);
-        if order.0 != epoch {
-            let o = epoch_order(&all, &lengths, config.seed, epoch as u64, config.group_by_length, config.batch_size);
-            order = (epoch, o);
-        }
-        let global = &order.1[index * config.batch_size..((index + 1) * config.batch_size).min(examples.len())];
+        let (epoch, index, _) = epochs.locate(step);
+        let global = batches.get(epoch, index as usize);
         for micro in spread(global, &lengths, 1, config.micro_batch_size).remove(0) {
             if micro.is_empty() {
                 continue;
@@ -98,11 +93,8 @@ fn main() -> Result<(), Box<dyn Error>> {
                 "seq_len": seq_len,
             });
             writeln!(steps, "{line}")?;
-            let dropout = Dropout::On {
-                seed: config.seed,
-                step: step as u64,
-                example_ids: rows.iter().map(|e| e.record as u64).collect(),
-            };
+            let dropout =
+                Dropout::On { seed: config.seed, step, example_ids: rows.iter().map(|e| e.record as u64).collect() };
             for layer in 0..model.num_hidden_layers {
                 for (m, name) in LINEAR_MODULES.iter().enumerate() {
                     if !lora.targets(layer, name) {

@@ -53,6 +53,45 @@ pub fn epoch_order(
     order
 }
 
+/// The global batches of a run without packing: epoch `e`'s [`epoch_order`] of all examples,
+/// cut into batches of `batch_size` (an epoch's last may be short). It keeps the current
+/// epoch's order, so walking the steps in turn shuffles once an epoch. The coordinator's
+/// schedule and the paired-streams example both take their batches here, so the batches PEFT
+/// replays are the ones training ran.
+#[derive(Clone, Debug)]
+pub struct GlobalBatches {
+    lengths: Vec<usize>,
+    seed: u64,
+    group_by_length: bool,
+    batch_size: usize,
+    order: Option<(u64, Vec<usize>)>,
+}
+
+impl GlobalBatches {
+    /// The batches of the examples whose token counts are `lengths`.
+    pub fn new(lengths: Vec<usize>, seed: u64, group_by_length: bool, batch_size: usize) -> Self {
+        Self { lengths, seed, group_by_length, batch_size, order: None }
+    }
+
+    /// The examples of batch `index` of `epoch` (both 0-based); empty past the epoch's end.
+    pub fn get(&mut self, epoch: u64, index: usize) -> &[usize] {
+        if self.order.as_ref().map(|(e, _)| *e) != Some(epoch) {
+            let all: Vec<usize> = (0..self.lengths.len()).collect();
+            let order = epoch_order(&all, &self.lengths, self.seed, epoch, self.group_by_length, self.batch_size);
+            self.order = Some((epoch, order));
+        }
+        let order = &self.order.as_ref().expect("set above").1;
+        nth_batch(order, index, self.batch_size)
+    }
+}
+
+/// Batch `index` (0-based) of `items` cut into batches of `batch_size`: the last may be
+/// short, and past the end it is empty.
+pub fn nth_batch<T>(items: &[T], index: usize, batch_size: usize) -> &[T] {
+    let start = index.saturating_mul(batch_size).min(items.len());
+    &items[start..start.saturating_add(batch_size).min(items.len())]
+}
+
 /// Optimizer steps in one epoch of `n` examples: the last batch may be smaller, never dropped.
 pub fn steps_per_epoch(n: usize, batch_size: usize) -> usize {
     n.div_ceil(batch_size.max(1))
@@ -147,6 +186,20 @@ pub fn spread(global: &[usize], lengths: &[usize], world: usize, micro: usize) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn global_batches_cut_each_epochs_order_and_reshuffle_per_epoch() {
+        let lengths: Vec<usize> = (0..10).map(|i| 3 + i % 4).collect();
+        let mut batches = GlobalBatches::new(lengths.clone(), 7, false, 4);
+        let all: Vec<usize> = (0..10).collect();
+        for epoch in [0, 1, 0] {
+            let order = epoch_order(&all, &lengths, 7, epoch, false, 4);
+            let cut: Vec<Vec<usize>> = (0..4).map(|i| batches.get(epoch, i).to_vec()).collect();
+            assert_eq!(cut, vec![order[..4].to_vec(), order[4..8].to_vec(), order[8..].to_vec(), vec![]]);
+        }
+        assert_ne!(batches.get(0, 0).to_vec(), batches.get(1, 0).to_vec());
+        assert_eq!(nth_batch(&all, usize::MAX, 4), &[] as &[usize]);
+    }
 
     #[test]
     fn split_is_seeded_and_disjoint() {

@@ -21,7 +21,7 @@ mod tests;
 pub use messages::{Action, Command, Event, MicroBatches, Stage};
 pub use plan::{Plan, SavedState};
 
-use lorafleet_common::data::schedule::{epoch_order, spread};
+use lorafleet_common::data::schedule::{nth_batch, spread, GlobalBatches};
 use lorafleet_common::protocol::{brief, hex, Hash, Identity, StepReport, ToCoordinator};
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -67,8 +67,8 @@ pub struct Schedule {
     members: Vec<Member>,
     phase: Phase,
     actions: VecDeque<Action>,
-    /// The current epoch's example order.
-    order: Option<(u64, Vec<usize>)>,
+    /// The global batches without packing (it keeps the current epoch's example order).
+    batches: GlobalBatches,
     /// Bumped at every loss; steps carry it, so a report of an abandoned step is ignored.
     generation: u64,
     /// The newest state every rank can be put back into.
@@ -88,11 +88,11 @@ impl Schedule {
     pub fn new(plan: Plan) -> Self {
         let last = plan.resume.clone().unwrap_or_else(SavedState::initial);
         Self {
+            batches: GlobalBatches::new(plan.train_lengths.clone(), plan.seed, plan.group_by_length, plan.batch_size),
             plan,
             members: Vec::new(),
             phase: Phase::Gathering,
             actions: VecDeque::new(),
-            order: None,
             generation: 0,
             last,
             scored_before: false,
@@ -434,7 +434,7 @@ impl Schedule {
         let (world, micro) = (self.plan.world, self.plan.micro_batch_size);
         if let Some(packing) = &self.plan.packing {
             let packs = packing.epochs.get(epoch as usize).map_or(&[][..], Vec::as_slice);
-            let global = packs.get(index * b..((index + 1) * b).min(packs.len())).unwrap_or(&[]);
+            let global = nth_batch(packs, index, b);
             let lengths: Vec<usize> =
                 global.iter().map(|pack| pack.iter().map(|&i| self.plan.train_lengths[i]).sum()).collect();
             let units: Vec<usize> = (0..global.len()).collect();
@@ -443,14 +443,7 @@ impl Schedule {
                 .map(|rank| rank.into_iter().map(|mb| mb.into_iter().map(|u| global[u].clone()).collect()).collect())
                 .collect();
         }
-        if self.order.as_ref().map(|(e, _)| *e) != Some(epoch) {
-            let all: Vec<usize> = (0..self.plan.train_lengths.len()).collect();
-            let p = &self.plan;
-            let order = epoch_order(&all, &p.train_lengths, p.seed, epoch, p.group_by_length, p.batch_size);
-            self.order = Some((epoch, order));
-        }
-        let order = &self.order.as_ref().expect("set above").1;
-        let global = order.get(index * b..((index + 1) * b).min(order.len())).unwrap_or(&[]);
+        let global = self.batches.get(epoch, index);
         spread(global, &self.plan.train_lengths, world, micro)
             .into_iter()
             .map(|rank| rank.into_iter().map(|mb| mb.into_iter().map(|i| vec![i]).collect()).collect())
