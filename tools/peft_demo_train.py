@@ -232,7 +232,9 @@ def main():
     if args.json:
         print(json.dumps(dict(steps=total, timed_steps=total - w, tokens=sum(tokens[w:]), seconds=sum(times[w:]),
                               tokens_per_second=tps, all_steps_tokens_per_second=sum(tokens) / sum(times),
-                              final_loss=losses[-1], **(dict(losses=losses) if args.replay else {}), peak_rss_mib=peak, seed=c["seed"],
+                              final_loss=losses[-1], peak_rss_mib=peak,
+                              # A replay's streams are lorafleet's: demo.toml's seed drew none of them.
+                              **(dict(losses=losses, replay=args.replay) if args.replay else dict(seed=c["seed"])),
                               load_in_8bit=args.load_in_8bit, **scores, threads=args.threads, attn=args.attn,
                               torch=torch.__version__, transformers=transformers.__version__,
                               peft=peft.__version__)), flush=True)
