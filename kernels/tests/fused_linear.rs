@@ -69,38 +69,22 @@ fn check(cu: &[usize], inp: usize, out: usize, rank: usize, p: f32, bias: bool, 
     let grads = (y_ref * t(&probe, (n, out))).unwrap().sum_all().unwrap().backward().unwrap();
     let flat = |v: &Var| -> Vec<f32> { grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap() };
     let (mut da, mut db) = (vec![0f32; rank * inp], vec![0f32; out * rank]);
+    let mut backward = |da: &mut [f32], db: &mut [f32], dx: Option<&mut [f32]>, accumulate: bool| {
+        let g = PairGrads { da, db };
+        let dy = MatRef::new(&probe, n, out);
+        lora_linear::backward(&x, &frozen, Some((&adapter, g)), dy, &u, dx, accumulate, &mut scratch);
+    };
     let mut dx = vec![f32::NAN; n * inp];
-    let g = PairGrads { da: &mut da, db: &mut db };
-    lora_linear::backward(
-        &x,
-        &frozen,
-        Some((&adapter, g)),
-        MatRef::new(&probe, n, out),
-        &u,
-        Some(&mut dx),
-        false,
-        &mut scratch,
-    );
+    backward(&mut da, &mut db, Some(&mut dx), false);
     for (name, got, want) in [("dx", &dx, flat(&xv)), ("dA", &da, flat(&av)), ("dB", &db, flat(&bv))] {
         let d = rel(got, &want);
         assert!(d < 1e-5, "{name} differs by {d} (cu {cu:?}, p {p})");
     }
     // Accumulation adds; no dx asked leaves dx alone and still adds dA, dB.
     let mut dx2 = dx.clone();
-    let g = PairGrads { da: &mut da, db: &mut db };
-    lora_linear::backward(
-        &x,
-        &frozen,
-        Some((&adapter, g)),
-        MatRef::new(&probe, n, out),
-        &u,
-        Some(&mut dx2),
-        true,
-        &mut scratch,
-    );
+    backward(&mut da, &mut db, Some(&mut dx2), true);
     assert!(rel(&dx2, &dx.iter().map(|v| 2.0 * v).collect::<Vec<_>>()) < 1e-6);
-    let g = PairGrads { da: &mut da, db: &mut db };
-    lora_linear::backward(&x, &frozen, Some((&adapter, g)), MatRef::new(&probe, n, out), &u, None, false, &mut scratch);
+    backward(&mut da, &mut db, None, false);
     assert!(rel(&da, &flat(&av).iter().map(|v| 3.0 * v).collect::<Vec<_>>()) < 1e-5);
 }
 
