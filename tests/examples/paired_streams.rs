@@ -23,7 +23,7 @@ use lorafleet_common::config::TrainConfig;
 use lorafleet_common::data::schedule::{spread, steps_per_epoch, EpochSteps, GlobalBatches};
 use lorafleet_common::data::{read_records, tokenize_records, Template, TokenizeOptions};
 use lorafleet_common::peft::LINEAR_MODULES;
-use lorafleet_common::ModelConfig;
+use lorafleet_common::{Batch, ModelConfig};
 use lorafleet_worker::adapter_io::save_adapter;
 use lorafleet_worker::dropout::Dropout;
 use lorafleet_worker::lora::module_shape;
@@ -84,17 +84,17 @@ fn main() -> Result<(), Box<dyn Error>> {
             if micro.is_empty() {
                 continue;
             }
-            let rows: Vec<_> = micro.iter().map(|&i| &examples[i]).collect();
-            let seq_len = rows.iter().map(|e| e.input_ids.len()).max().unwrap_or(0).div_ceil(8) * 8;
+            // The micro-batch as training builds it: its padded length and dropout keys.
+            let batch = Batch::from_examples(micro.iter().map(|&i| &examples[i]), tokenizer.pad_id);
+            let seq_len = batch.seq_len;
             let line = serde_json::json!({
                 "step": step,
-                "records": rows.iter().map(|e| e.record).collect::<Vec<_>>(),
-                "lengths": rows.iter().map(|e| e.input_ids.len()).collect::<Vec<_>>(),
+                "records": batch.example_ids,
+                "lengths": micro.iter().map(|&i| examples[i].input_ids.len()).collect::<Vec<_>>(),
                 "seq_len": seq_len,
             });
             writeln!(steps, "{line}")?;
-            let dropout =
-                Dropout::On { seed: config.seed, step, example_ids: rows.iter().map(|e| e.record as u64).collect() };
+            let dropout = Dropout::On { seed: config.seed, step, example_ids: batch.example_ids };
             for layer in 0..model.num_hidden_layers {
                 for (m, name) in LINEAR_MODULES.iter().enumerate() {
                     if !lora.targets(layer, name) {
